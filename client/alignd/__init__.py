@@ -1,0 +1,37 @@
+"""alignd: RLHF as a platform. Python SDK.
+
+Typed clients of the four services, the tensor codec, and the ``alignd`` CLI. This package
+never needs torch.
+"""
+
+from alignd._version import __version__
+from alignd.channel import TLSConfig, create_aio_channel, create_channel
+from alignd.clients import (
+    AsyncGenerationClient,
+    AsyncReferenceClient,
+    AsyncRewardClient,
+    AsyncTrainerClient,
+    GenerationClient,
+    ReferenceClient,
+    RewardClient,
+    TokenizedSequence,
+    TrainerClient,
+)
+from alignd.errors import AligndError
+
+__all__ = [
+    "AligndError",
+    "AsyncGenerationClient",
+    "AsyncReferenceClient",
+    "AsyncRewardClient",
+    "AsyncTrainerClient",
+    "GenerationClient",
+    "ReferenceClient",
+    "RewardClient",
+    "TLSConfig",
+    "TokenizedSequence",
+    "TrainerClient",
+    "__version__",
+    "create_aio_channel",
+    "create_channel",
+]

@@ -1,0 +1,1 @@
+"""Runtime shared by every alignd service."""

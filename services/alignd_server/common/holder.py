@@ -1,0 +1,60 @@
+"""The model slot of a service: empty, loading, or holding a loaded model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from alignd_server.common.errors import FailedPrecondition, Unavailable
+from alignd_server.common.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelHolder:
+    """Loads a model off the event loop and hands it to RPCs once ready.
+
+    Args:
+        what: how errors name the model ("reward model", "policy").
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.loaded: LoadedModel | None = None
+        self._loading = False
+
+    async def load(self, loader: Callable[[], LoadedModel]) -> LoadedModel:
+        """Runs ``loader`` in a worker thread and installs its result."""
+        self._loading = True
+        start = time.perf_counter()
+        try:
+            loaded = await asyncio.to_thread(loader)
+        finally:
+            self._loading = False
+        self.loaded = loaded
+        log.info(
+            "loaded %s %s (%s, %.1fM parameters, %s on %s) in %.1fs",
+            self.what,
+            loaded.name,
+            loaded.architecture,
+            loaded.num_parameters / 1e6,
+            loaded.dtype,
+            loaded.device,
+            time.perf_counter() - start,
+        )
+        return loaded
+
+    def require(self) -> LoadedModel:
+        """The loaded model.
+
+        Raises:
+            Unavailable: the model is still loading (retry shortly).
+            FailedPrecondition: no model has been loaded.
+        """
+        if self.loaded is not None:
+            return self.loaded
+        if self._loading:
+            raise Unavailable(f"the {self.what} is still loading")
+        raise FailedPrecondition(f"no {self.what} is loaded")

@@ -1,0 +1,1 @@
+"""GenerationService: sampling from the policy, versioned weight updates."""

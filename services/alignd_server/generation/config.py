@@ -1,0 +1,22 @@
+"""Settings of the generation service (env prefix ``ALIGND_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignd_server.common.config import ModelServerSettings
+
+
+class GenerationSettings(ModelServerSettings):
+    """Generation service settings."""
+
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free port."""
+    metrics_port: int = Field(9091, ge=-1, le=65535)
+    """Prometheus port; 0 picks a free port, -1 disables it."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine: ``hf`` (transformers generate, embedded default) or ``vllm``."""
+    max_new_tokens: int = Field(1024, ge=1)
+    """Most tokens generated per completion."""

@@ -1,0 +1,1 @@
+"""ReferenceService: log-probabilities under a frozen reference policy."""

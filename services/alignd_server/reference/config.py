@@ -1,0 +1,16 @@
+"""Settings of the reference service (env prefix ``ALIGND_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from alignd_server.common.config import ModelServerSettings
+
+
+class ReferenceSettings(ModelServerSettings):
+    """Reference service settings."""
+
+    port: int = Field(50053, ge=0, le=65535)
+    """gRPC port; 0 picks a free port."""
+    metrics_port: int = Field(9093, ge=-1, le=65535)
+    """Prometheus port; 0 picks a free port, -1 disables it."""

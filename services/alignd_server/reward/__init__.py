@@ -1,0 +1,1 @@
+"""RewardService: scores (prompt, response) pairs with reward models and function scorers."""

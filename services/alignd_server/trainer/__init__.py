@@ -1,0 +1,1 @@
+"""TrainerService: the trainable model, losses, optimizer, checkpoints, weight push."""

@@ -1,0 +1,16 @@
+"""Settings of the trainer service (env prefix ``ALIGND_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from alignd_server.common.config import ModelServerSettings
+
+
+class TrainerSettings(ModelServerSettings):
+    """Trainer service settings. ``model`` is the default of ``Initialize.model_path``."""
+
+    port: int = Field(50054, ge=0, le=65535)
+    """gRPC port; 0 picks a free port."""
+    metrics_port: int = Field(9094, ge=-1, le=65535)
+    """Prometheus port; 0 picks a free port, -1 disables it."""
