@@ -1,0 +1,66 @@
+"""A real non-Python client (grpcurl) lists, health-checks and calls a served service."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from alignd.local import LocalService
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_grpcurl_lists_services_through_reflection(grpcurl, reward_process):
+    result = run([grpcurl, "-plaintext", reward_process.target, "list"])
+    assert result.returncode == 0, result.stderr
+    services = result.stdout.split()
+    assert "alignd.v1.RewardService" in services
+    assert "grpc.health.v1.Health" in services
+
+    described = run([grpcurl, "-plaintext", reward_process.target, "describe", "alignd.v1.RewardService"])
+    assert "rpc Score ( .alignd.v1.ScoreRequest ) returns ( .alignd.v1.ScoreResponse );" in described.stdout
+
+
+def test_grpcurl_health_check_reports_serving_per_service(grpcurl, reward_process):
+    for service in ("alignd.v1.RewardService", ""):
+        body = json.dumps({"service": service})
+        result = run(
+            [grpcurl, "-plaintext", "-d", body, reward_process.target, "grpc.health.v1.Health/Check"]
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"status": "SERVING"}
+    unknown = run(
+        [grpcurl, "-plaintext", "-d", '{"service": "nope"}', reward_process.target,
+         "grpc.health.v1.Health/Check"]
+    )  # fmt: skip
+    assert unknown.returncode != 0
+    assert "NotFound" in unknown.stderr or "NOT_FOUND" in unknown.stderr
+
+
+def test_grpcurl_get_info_returns_the_model_and_limits(grpcurl, reward_process, tiny_models):
+    result = run([grpcurl, "-plaintext", "-d", "{}", reward_process.target,
+                  "alignd.v1.RewardService/GetInfo"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["server"]["service"] == "alignd.v1.RewardService"
+    assert info["server"]["model"]["path"] == str(tiny_models.classifier)
+    assert info["server"]["limits"]["max_batch_size"] == 64, info  # grpcurl prints proto field names
+    assert info["scorers"][0]["is_default"] is True
+
+
+def test_sigterm_drains_and_exits_cleanly(tiny_models, tmp_path):
+    log = tmp_path / "reference.log"
+    service = LocalService("reference", ["--model", str(tiny_models.causal_lm),
+                                         "--metrics-port", "-1"], log_file=log)  # fmt: skip
+    service.start()
+    started = time.monotonic()
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(30) == 0
+    assert time.monotonic() - started < 30
+    text = log.read_text()
+    assert "shutting down" in text
+    assert "stopped" in text
