@@ -18,7 +18,9 @@ def _prepare(home: str | None) -> None:
     try:
         from alignd_server.common.prepare import prepare_models
     except ImportError as err:
-        raise SystemExit(f"the demo needs the server packages: pip install 'alignd[serve]' ({err})")
+        raise SystemExit(
+            f"the demo needs the server packages: pip install 'alignd[serve]' ({err})"
+        ) from err
     prepare_models(None, home=home, progress=print)
 
 

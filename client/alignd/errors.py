@@ -95,9 +95,9 @@ def from_rpc_error(err: grpc.RpcError, method: str = "") -> AligndError:
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     request_id = None
-    initial = getattr(err, "initial_metadata", None)
+    trailing = getattr(err, "trailing_metadata", None)
     try:
-        for key, value in (initial() if callable(initial) else None) or ():
+        for key, value in (trailing() if callable(trailing) else None) or ():
             if key == "x-request-id":
                 request_id = value
     except Exception:  # metadata is not always available on a failed call

@@ -58,7 +58,9 @@ def _wire_dtype(array: np.ndarray, dtype: int | None) -> int:
         return _WIRE[array.dtype.name]
     except KeyError:
         supported = ", ".join(_WIRE)
-        raise TensorError(f"unsupported numpy dtype {array.dtype} (supported: {supported})") from None
+        raise TensorError(
+            f"unsupported numpy dtype {array.dtype} (supported: {supported})"
+        ) from None
 
 
 def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

@@ -21,15 +21,27 @@ def test_grpcurl_lists_services_through_reflection(grpcurl, reward_process):
     assert "alignd.v1.RewardService" in services
     assert "grpc.health.v1.Health" in services
 
-    described = run([grpcurl, "-plaintext", reward_process.target, "describe", "alignd.v1.RewardService"])
-    assert "rpc Score ( .alignd.v1.ScoreRequest ) returns ( .alignd.v1.ScoreResponse );" in described.stdout
+    described = run(
+        [grpcurl, "-plaintext", reward_process.target, "describe", "alignd.v1.RewardService"]
+    )
+    assert (
+        "rpc Score ( .alignd.v1.ScoreRequest ) returns ( .alignd.v1.ScoreResponse );"
+        in described.stdout
+    )
 
 
 def test_grpcurl_health_check_reports_serving_per_service(grpcurl, reward_process):
     for service in ("alignd.v1.RewardService", ""):
         body = json.dumps({"service": service})
         result = run(
-            [grpcurl, "-plaintext", "-d", body, reward_process.target, "grpc.health.v1.Health/Check"]
+            [
+                grpcurl,
+                "-plaintext",
+                "-d",
+                body,
+                reward_process.target,
+                "grpc.health.v1.Health/Check",
+            ]
         )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {"status": "SERVING"}
@@ -48,7 +60,9 @@ def test_grpcurl_get_info_returns_the_model_and_limits(grpcurl, reward_process, 
     info = json.loads(result.stdout)
     assert info["server"]["service"] == "alignd.v1.RewardService"
     assert info["server"]["model"]["path"] == str(tiny_models.classifier)
-    assert info["server"]["limits"]["max_batch_size"] == 64, info  # grpcurl prints proto field names
+    assert info["server"]["limits"]["max_batch_size"] == 64, (
+        info
+    )  # grpcurl prints proto field names
     assert info["scorers"][0]["is_default"] is True
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -13,9 +13,13 @@ from alignd.tensors import from_numpy, to_ragged
 from alignd.v1 import common_pb2 as pb
 
 #: A prompt: plain text, chat turns (``{"role", "content"}`` dicts) or token ids.
-PromptLike = Union[str, Sequence[Mapping[str, str]], np.ndarray]
+PromptLike = str | Sequence[Mapping[str, str]] | np.ndarray
 
-_TRUNCATION = {"error": pb.TRUNCATION_ERROR, "left": pb.TRUNCATION_LEFT, "right": pb.TRUNCATION_RIGHT}
+_TRUNCATION = {
+    "error": pb.TRUNCATION_ERROR,
+    "left": pb.TRUNCATION_LEFT,
+    "right": pb.TRUNCATION_RIGHT,
+}
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,7 @@ def tokenize_response(response: pb.TokenizeResponse) -> list[TokenizedSequence]:
     masks = to_ragged(response.loss_mask)
     return [
         TokenizedSequence(i, int(p), m, bool(t))
-        for i, p, m, t in zip(
-            ids, response.prompt_lengths, masks, response.truncated, strict=True
-        )
+        for i, p, m, t in zip(ids, response.prompt_lengths, masks, response.truncated, strict=True)
     ]
 
 
@@ -112,7 +114,11 @@ class TokenizingClient(ClientBase):
             timeout: deadline in seconds (default: the client's).
         """
         request = tokenize_request(
-            prompts, completions, max_length=max_length, truncation=truncation, append_eos=append_eos
+            prompts,
+            completions,
+            max_length=max_length,
+            truncation=truncation,
+            append_eos=append_eos,
         )
         return tokenize_response(self._call("Tokenize", request, timeout=timeout))
 
@@ -132,6 +138,10 @@ class AsyncTokenizingClient(AsyncClientBase):
     ) -> list[TokenizedSequence]:
         """See :meth:`TokenizingClient.tokenize`."""
         request = tokenize_request(
-            prompts, completions, max_length=max_length, truncation=truncation, append_eos=append_eos
+            prompts,
+            completions,
+            max_length=max_length,
+            truncation=truncation,
+            append_eos=append_eos,
         )
         return tokenize_response(await self._call("Tokenize", request, timeout=timeout))

@@ -79,7 +79,7 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type[ServerSettings]) -> None:
-    """Adds one ``--flag`` per settings field, named after it (``metrics_port`` -> ``--metrics-port``).
+    """Adds one ``--flag`` per settings field (``metrics_port`` -> ``--metrics-port``).
 
     Flags default to ``None`` so that only flags given on the command line override the
     environment and the defaults.

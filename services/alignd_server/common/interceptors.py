@@ -83,10 +83,13 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, scope) -> grpc.RpcMethodH
                 elif inspect.isawaitable(result):
                     await result
 
-        behavior, factory = streaming, (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
+        behavior, factory = (
+            streaming,
+            (
+                grpc.unary_stream_rpc_method_handler
+                if handler.unary_stream
+                else grpc.stream_stream_rpc_method_handler
+            ),
         )
     else:
         inner = handler.unary_unary or handler.stream_unary
@@ -96,10 +99,13 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, scope) -> grpc.RpcMethodH
                 result = inner(request, context)
                 return await result if inspect.isawaitable(result) else result
 
-        behavior, factory = unary, (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
+        behavior, factory = (
+            unary,
+            (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            ),
         )
     return factory(
         behavior,
@@ -112,7 +118,7 @@ class ObservabilityInterceptor(ScopeInterceptor):
     """Request ids, one log line per RPC, and per-RPC Prometheus metrics.
 
     The request id comes from the caller's ``x-request-id`` metadata or is generated; it is
-    sent back as initial metadata and attached to every log record of the call.
+    sent back as trailing metadata and attached to every log record of the call.
     """
 
     def __init__(self, metrics: ServerMetrics) -> None:
@@ -128,7 +134,9 @@ class ObservabilityInterceptor(ScopeInterceptor):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, rid[:64]),))
+            # Trailing, not initial, metadata: sending headers early would commit the call
+            # and stop clients from retrying an UNAVAILABLE answer.
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid[:64]),))
             yield
             code = context.code() or grpc.StatusCode.OK
         except aio.AbortError:
@@ -162,15 +170,17 @@ def _as_status(code: Any) -> grpc.StatusCode:
 class AuthInterceptor(ScopeInterceptor):
     """Rejects RPCs without an accepted bearer token with UNAUTHENTICATED; health is exempt."""
 
-    def __init__(self, verifier: TokenVerifier, exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,)):
+    def __init__(
+        self, verifier: TokenVerifier, exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,)
+    ):
         self._verifier = verifier
         self._exempt = exempt_prefixes
 
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
-        if not method.startswith(self._exempt):
-            if not self._verifier.verify(_metadata(context, "authorization")):
-                raise Unauthenticated("missing or invalid bearer token (metadata 'authorization')")
+        exempt = method.startswith(self._exempt)
+        if not exempt and not self._verifier.verify(_metadata(context, "authorization")):
+            raise Unauthenticated("missing or invalid bearer token (metadata 'authorization')")
         yield
 
 
@@ -182,11 +192,13 @@ class ErrorInterceptor(ScopeInterceptor):
         try:
             yield
         except AligndError as err:
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message, _trailing(context))
         except NotImplementedError:
             _, name = split_method(method)
             await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server"
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{name} is not implemented by this server",
+                _trailing(context),
             )
         except aio.AbortError:
             raise
@@ -195,4 +207,10 @@ class ErrorInterceptor(ScopeInterceptor):
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"internal error (request id {request_id_var.get()}); see the server log",
+                _trailing(context),
             )
+
+
+def _trailing(context: aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """The request id as trailing metadata (abort replaces what was set before)."""
+    return ((REQUEST_ID_KEY, request_id_var.get()),)

@@ -40,7 +40,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> common_pb2.TokenizeResponse:
         return await serve_tokenize(request, self.holder.require().tokenizer, self.settings)
 
-    async def GetState(self, request: trainer_pb2.GetStateRequest, context) -> trainer_pb2.TrainerState:
+    async def GetState(
+        self, request: trainer_pb2.GetStateRequest, context
+    ) -> trainer_pb2.TrainerState:
         return trainer_pb2.TrainerState(initialized=self.holder.loaded is not None)
 
     async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> trainer_pb2.TrainerInfo:

@@ -39,7 +39,11 @@ def scrape(thread: ServerThread) -> dict[tuple[str, frozenset], float]:
 
 def requests_total(samples, method: str, code: str) -> float:
     labels = frozenset(
-        {"grpc_service": "alignd.v1.ReferenceService", "grpc_method": method, "grpc_code": code}.items()
+        {
+            "grpc_service": "alignd.v1.ReferenceService",
+            "grpc_method": method,
+            "grpc_code": code,
+        }.items()
     )
     return samples.get(("alignd_rpc_requests_total", labels), 0.0)
 
@@ -100,7 +104,9 @@ def test_domain_errors_map_to_status_codes_and_are_counted(serve):
     latency_count = samples[
         (
             "alignd_rpc_duration_seconds_count",
-            frozenset({"grpc_service": "alignd.v1.ReferenceService", "grpc_method": "Tokenize"}.items()),
+            frozenset(
+                {"grpc_service": "alignd.v1.ReferenceService", "grpc_method": "Tokenize"}.items()
+            ),
         )
     ]
     assert latency_count == 3
@@ -139,10 +145,15 @@ def test_unexpected_exceptions_become_internal_with_a_request_id_and_the_server_
     settings = ServerSettings(port=0, metrics_port=-1, grace_s=0.1)
     with ServerThread(Server(settings, [BrokenReward()])) as thread:
         with RewardClient(thread.target) as client:
-            with pytest.raises(InternalError, match="internal error \\(request id [0-9a-f]+\\)") as err:
+            with pytest.raises(
+                InternalError, match=r"internal error \(request id [0-9a-f]+\)"
+            ) as err:
                 client.info()
-            assert err.value.request_id  # echoed back as initial metadata
-            with pytest.raises(InvalidArgumentError, match=r"items\[3\].response: must not be empty"):
+            assert err.value.request_id  # echoed back as trailing metadata
+            assert err.value.request_id in str(err.value)
+            with pytest.raises(
+                InvalidArgumentError, match=r"items\[3\].response: must not be empty"
+            ):
                 client._call("Score", reward_pb2.ScoreRequest())
             assert client.health() == "SERVING"
 
@@ -156,4 +167,4 @@ def test_request_id_from_the_caller_is_echoed(serve):
             response_deserializer=reference_pb2.ReferenceInfo.FromString,
         )
         _, rpc = call.with_call(common_pb2.GetInfoRequest(), metadata=[("x-request-id", "abc123")])
-        assert ("x-request-id", "abc123") in tuple(rpc.initial_metadata())
+        assert ("x-request-id", "abc123") in tuple(rpc.trailing_metadata())

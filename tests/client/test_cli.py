@@ -1,0 +1,54 @@
+"""The ``alignd`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from alignd.cli import main
+
+
+def alignd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "alignd.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_models_list_prints_each_bundled_model_and_path(tmp_path, capsys):
+    assert main(["models", "list", "--home", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["smollm2-135m", "minilm-l6"]
+    assert str(tmp_path / "models" / "smollm2-135m") in lines[0]
+    assert "not prepared" in lines[0]
+
+
+def test_serve_help_lists_every_flag_with_its_environment_variable():
+    result = alignd("serve", "reward", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag, env in [
+        ("--port", "ALIGND_PORT"),
+        ("--metrics-port", "ALIGND_METRICS_PORT"),
+        ("--auth-token-file", "ALIGND_AUTH_TOKEN_FILE"),
+        ("--tls-client-ca", "ALIGND_TLS_CLIENT_CA"),
+        ("--max-message-bytes", "ALIGND_MAX_MESSAGE_BYTES"),
+        ("--model", "ALIGND_MODEL"),
+    ]:
+        assert flag in result.stdout
+        assert env in result.stdout
+
+
+def test_serve_rejects_bad_settings_before_starting():
+    result = alignd("serve", "reward", "--tls-cert", "/nonexistent.crt", "--metrics-port", "-1")
+    assert result.returncode == 2
+    assert "tls_cert and tls_key must be given together" in result.stderr
+
+
+def test_serve_unknown_role_is_an_error():
+    result = alignd("serve", "critic")
+    assert result.returncode == 2
+    assert "invalid choice: 'critic'" in result.stderr
+
+
+def test_version():
+    result = alignd("--version")
+    assert result.stdout.startswith("alignd ")
