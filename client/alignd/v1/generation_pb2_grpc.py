@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The policy's sampling endpoint and the target of weight pushes from the trainer.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -68,7 +69,8 @@ class GenerationServiceStub:
 
 
 class GenerationServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The policy's sampling endpoint and the target of weight pushes from the trainer.
+    """
 
     def Generate(self, request, context):
         """Samples n completions for each prompt of a batch.
@@ -157,7 +159,8 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """Missing associated documentation comment in .proto file."""
+    """The policy's sampling endpoint and the target of weight pushes from the trainer.
+    """
 
     @staticmethod
     def Generate(request,

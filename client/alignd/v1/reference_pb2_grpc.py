@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class ReferenceServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Log-probabilities under the frozen reference policy, for KL terms and DPO.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class ReferenceServiceStub:
 
 
 class ReferenceServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Log-probabilities under the frozen reference policy, for KL terms and DPO.
+    """
 
     def ComputeLogprobs(self, request, context):
         """log pi_ref(x_t | x_<t) for every completion token of every sequence.
@@ -103,7 +105,8 @@ def add_ReferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReferenceService:
-    """Missing associated documentation comment in .proto file."""
+    """Log-probabilities under the frozen reference policy, for KL terms and DPO.
+    """
 
     @staticmethod
     def ComputeLogprobs(request,

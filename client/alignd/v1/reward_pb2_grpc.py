@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class RewardServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Scores responses with reward models or function scorers; the API other systems call.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class RewardServiceStub:
 
 
 class RewardServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Scores responses with reward models or function scorers; the API other systems call.
+    """
 
     def Score(self, request, context):
         """Scores each item: one float per item, the raw head output (no sigmoid/softmax) after the
@@ -104,7 +106,8 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardService:
-    """Missing associated documentation comment in .proto file."""
+    """Scores responses with reward models or function scorers; the API other systems call.
+    """
 
     @staticmethod
     def Score(request,

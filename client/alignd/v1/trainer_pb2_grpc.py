@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Training primitives over the one model that learns.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -88,7 +89,8 @@ class TrainerServiceStub:
 
 
 class TrainerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Training primitives over the one model that learns.
+    """
 
     def Initialize(self, request, context):
         """Loads a model and builds its optimizer and schedule; replaces any previous model.
@@ -222,7 +224,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Missing associated documentation comment in .proto file."""
+    """Training primitives over the one model that learns.
+    """
 
     @staticmethod
     def Initialize(request,

@@ -1,0 +1,58 @@
+"""Session fixtures shared by the whole suite: tiny models and the prepared bundled models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny seeded Llama causal LM and BERT classifier, saved as real model directories."""
+    from alignd_server.common.tiny import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def prepared_home() -> Path:
+    """alignd home (``ALIGND_HOME``) with every bundled model prepared.
+
+    Prepares into the real home, not a temporary one, so that the download and conversion
+    (about half a minute) happen once per machine or CI cache, not once per run.
+    """
+    from alignd.settings import home
+    from alignd_server.common.prepare import prepare_models
+
+    prepare_models(home=home(), progress=logger.info)
+    return home()
+
+
+@pytest.fixture
+def serve(tiny_models) -> Iterator[Any]:
+    """``serve(role, **settings)`` starts a real server for ``role`` on 127.0.0.1 (free ports,
+    tiny model) in a background thread; every server is stopped after the test."""
+    from alignd_server.common.testing import ServerThread
+    from alignd_server.launch import ROLES, build_server
+
+    running: list[ServerThread] = []
+
+    def _serve(role: str, **overrides: Any) -> ServerThread:
+        settings_cls, _ = ROLES[role]
+        model = tiny_models.classifier if role == "reward" else tiny_models.causal_lm
+        values = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "grace_s": 0.5}
+        values["model"] = str(model)
+        values.update(overrides)
+        thread = ServerThread(build_server(role, settings_cls(**values))).start()
+        running.append(thread)
+        return thread
+
+    yield _serve
+    for thread in running:
+        thread.stop()
