@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-from alignd.local import LocalService
+from alignd import RewardClient
+from alignd.local import LocalService, free_port
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -78,3 +82,30 @@ def test_sigterm_drains_and_exits_cleanly(tiny_models, tmp_path):
     text = log.read_text()
     assert "shutting down" in text
     assert "stopped" in text
+
+
+def test_alignd_serve_reward_with_the_default_model_answers_grpcurl(
+    grpcurl, prepared_home, tmp_path
+):
+    """The documented command, as a user types it: `alignd serve reward` (bundled MiniLM)."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    alignd = Path(sys.executable).parent / "alignd"
+    env = {**os.environ, "ALIGND_HOME": str(prepared_home)}
+    with (tmp_path / "reward.log").open("wb") as log:
+        process = subprocess.Popen(
+            [alignd, "serve", "reward", "--port", str(port), "--metrics-port", "-1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        with RewardClient(target) as client:
+            client.wait_ready(120)
+            assert client.info().scorers[0].model.name == "minilm-l6"
+        listed = run([grpcurl, "-plaintext", target, "list"])
+        assert "alignd.v1.RewardService" in listed.stdout.split()
+        body = json.dumps({"service": "alignd.v1.RewardService"})
+        health = run([grpcurl, "-plaintext", "-d", body, target, "grpc.health.v1.Health/Check"])
+        assert json.loads(health.stdout) == {"status": "SERVING"}
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
