@@ -7,6 +7,7 @@ can all talk to it from the main thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -27,6 +28,7 @@ class ServerThread:
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.started: concurrent.futures.Future | None = None
 
     def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout)
@@ -35,13 +37,17 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    def start(self) -> ServerThread:
+    def start(self, *, wait: bool = True) -> ServerThread:
+        """Starts the loop and the server; with ``wait=False``, returns once the loop runs and
+        leaves :attr:`started` (a future) to tell when the services are up."""
         self._thread.start()
-        try:
-            self._run(self.server.start())
-        except BaseException:
-            self.stop()
-            raise
+        self.started = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop)
+        if wait:
+            try:
+                self.started.result(self.timeout)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def stop(self, grace: float = 0.5) -> None:

@@ -1,0 +1,105 @@
+"""Server bootstrap: graceful shutdown drains in-flight calls, message-size limit, health states."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from alignd import ReferenceClient, TrainerClient
+from alignd.errors import AligndError, ResourceExhaustedError
+from alignd.v1 import trainer_pb2, trainer_pb2_grpc
+from alignd_server.common.config import ServerSettings
+from alignd_server.common.server import Server
+from alignd_server.common.testing import ServerThread
+from alignd_server.launch import build_server
+from alignd_server.reference.config import ReferenceSettings
+
+
+class SlowTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """GetState takes ``delay`` seconds, standing in for a long in-flight RPC."""
+
+    name = "alignd.v1.TrainerService"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.started = threading.Event()
+
+    def register(self, server):
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self, server)
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def GetState(self, request, context):
+        self.started.set()
+        await asyncio.sleep(self.delay)
+        return trainer_pb2.TrainerState(step=42)
+
+
+def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones():
+    servicer = SlowTrainer(delay=1.0)
+    settings = ServerSettings(port=0, metrics_port=-1, grace_s=10)
+    thread = ServerThread(Server(settings, [servicer])).start()
+    results: list[object] = []
+
+    def slow_call():
+        with TrainerClient(thread.target, retries=1) as client:
+            try:
+                results.append(client.state().step)
+            except AligndError as err:
+                results.append(err)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    assert servicer.started.wait(10)
+    stopping = threading.Thread(target=thread.stop, kwargs={"grace": 10})
+    stopping.start()
+    time.sleep(0.2)
+    with TrainerClient(thread.target, retries=1) as late:
+        with pytest.raises(AligndError):  # not accepting any more
+            late.state(timeout=2)
+    caller.join(15)
+    stopping.join(15)
+    assert results == [42]
+
+
+def test_messages_over_the_limit_are_rejected_and_the_server_keeps_serving(serve):
+    server = serve("reference", max_message_bytes=4 * 1024 * 1024)
+    with ReferenceClient(server.target) as client:
+        with pytest.raises(ResourceExhaustedError):
+            client.tokenize(["x" * (5 * 1024 * 1024)])
+        assert len(client.tokenize(["still here"])) == 1
+
+
+def test_health_is_not_serving_while_the_model_loads(tiny_models):
+    """A real reference server whose model load waits for ``gate``."""
+    gate = threading.Event()
+    settings = ReferenceSettings(port=0, metrics_port=-1, model=str(tiny_models.causal_lm))
+    server = build_server("reference", settings)
+    service = server.services[0]
+    original_start = service.start
+
+    async def gated_start():
+        await asyncio.to_thread(gate.wait, 30)
+        await original_start()
+
+    service.start = gated_start
+    thread = ServerThread(server).start(wait=False)
+    try:
+        deadline = time.monotonic() + 10
+        while server.port == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with ReferenceClient(f"127.0.0.1:{server.port}") as client:
+            assert client.health() == "NOT_SERVING"
+            gate.set()
+            thread.started.result(30)
+            assert client.health() == "SERVING"
+    finally:
+        gate.set()
+        thread.stop()
