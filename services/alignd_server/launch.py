@@ -55,5 +55,9 @@ def main(role: str, argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"invalid settings: {err}", file=sys.stderr)
         return 2
-    run(build_server(role, settings))
+    try:
+        run(build_server(role, settings))
+    except (OSError, RuntimeError, ValueError) as err:  # missing model, port in use, bad files
+        print(f"alignd serve {role}: {err}", file=sys.stderr)
+        return 1
     return 0

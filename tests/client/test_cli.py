@@ -52,3 +52,25 @@ def test_serve_unknown_role_is_an_error():
 def test_version():
     result = alignd("--version")
     assert result.stdout.startswith("alignd ")
+
+
+def test_serve_with_a_missing_model_fails_with_a_clear_message(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = alignd(
+        "serve", "reward", "--model", str(missing), "--port", "0", "--metrics-port", "-1"
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_in_use_fails_with_a_clear_message(tiny_models):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = alignd("serve", "trainer", "--port", str(port), "--metrics-port", "-1")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from alignd import RewardClient
 from alignd.local import LocalService, free_port
 
@@ -84,6 +86,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_models, tmp_path):
     assert "stopped" in text
 
 
+@pytest.mark.slow
 def test_alignd_serve_reward_with_the_default_model_answers_grpcurl(
     grpcurl, prepared_home, tmp_path
 ):

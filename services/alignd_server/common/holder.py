@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from alignd.models import resolve_model
+from alignd_server.common.config import ModelServerSettings
 from alignd_server.common.errors import FailedPrecondition, Unavailable
 from alignd_server.common.models import LoadedModel
 
@@ -45,6 +47,14 @@ class ModelHolder:
             time.perf_counter() - start,
         )
         return loaded
+
+    async def load_configured(
+        self, settings: ModelServerSettings, loader: Callable[..., LoadedModel]
+    ) -> LoadedModel:
+        """Loads ``settings.model`` (a bundled name or a directory) with ``loader(path, dtype=,
+        device=)`` on the configured dtype and device."""
+        path = resolve_model(settings.model)
+        return await self.load(lambda: loader(path, dtype=settings.dtype, device=settings.device))
 
     def require(self) -> LoadedModel:
         """The loaded model.

@@ -6,7 +6,6 @@ import time
 
 from grpc import aio
 
-from alignd.models import resolve_model
 from alignd.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 from alignd_server.common.holder import ModelHolder
 from alignd_server.common.info import server_info
@@ -31,10 +30,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
         reference_pb2_grpc.add_ReferenceServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        path = resolve_model(self.settings.model)
-        await self.holder.load(
-            lambda: load_causal_lm(path, dtype=self.settings.dtype, device=self.settings.device)
-        )
+        await self.holder.load_configured(self.settings, load_causal_lm)
 
     async def stop(self) -> None:
         self.holder.loaded = None

@@ -6,7 +6,6 @@ import time
 
 from grpc import aio
 
-from alignd.models import resolve_model
 from alignd.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from alignd_server.common.holder import ModelHolder
 from alignd_server.common.info import model_info, server_info
@@ -31,12 +30,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        path = resolve_model(self.settings.model)
-        await self.holder.load(
-            lambda: load_sequence_classifier(
-                path, dtype=self.settings.dtype, device=self.settings.device
-            )
-        )
+        await self.holder.load_configured(self.settings, load_sequence_classifier)
 
     async def stop(self) -> None:
         self.holder.loaded = None
