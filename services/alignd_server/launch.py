@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from alignd_server.common.config import ServerSettings, add_settings_flags, settings_from_args
+from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.server import Server, Service, run
 from alignd_server.generation.config import GenerationSettings
 from alignd_server.generation.servicer import GenerationServicer
@@ -28,8 +29,9 @@ ROLES: dict[str, tuple[type[ServerSettings], type]] = {
 def build_server(role: str, settings: ServerSettings) -> Server:
     """A Server hosting the service of ``role`` with ``settings``."""
     _, servicer_cls = ROLES[role]
-    service: Service = servicer_cls(settings)
-    return Server(settings, [service])
+    metrics = ServerMetrics(servicer_cls.name)
+    service: Service = servicer_cls(settings, metrics)
+    return Server(settings, [service], metrics)
 
 
 def parser_for(role: str, prog: str | None = None) -> argparse.ArgumentParser:

@@ -75,6 +75,8 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
         return type(choices[0]), {"choices": choices}
     if annotation in (int, float, str, Path):
         return annotation, {}
+    if origin is list:
+        return typing.get_args(annotation)[0], {"action": "append"}
     return str, {}
 
 
@@ -117,4 +119,8 @@ class ModelServerSettings(ServerSettings):
     max_sequence_length: int = Field(2048, ge=2, le=1_048_576)
     """Most tokens in one sequence (prompt plus completion)."""
     max_queue_size: int = Field(1024, ge=1)
-    """Most requests waiting for the model before new ones get RESOURCE_EXHAUSTED."""
+    """Most items waiting for the model before new requests get RESOURCE_EXHAUSTED."""
+    max_batch_tokens: int = Field(16384, ge=1)
+    """Most padded tokens (items x longest item) the server puts in one model batch."""
+    max_wait_ms: float = Field(5.0, ge=0)
+    """How long the oldest queued item waits for more items to fill a batch, in ms."""

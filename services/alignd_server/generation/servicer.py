@@ -9,6 +9,7 @@ from grpc import aio
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from alignd_server.common.holder import ModelHolder
 from alignd_server.common.info import server_info
+from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.generation.config import GenerationSettings
@@ -21,7 +22,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     name = SERVICE
 
-    def __init__(self, settings: GenerationSettings) -> None:
+    def __init__(self, settings: GenerationSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.holder = ModelHolder("policy")
         self.weights_version = 0

@@ -14,3 +14,6 @@ class ReferenceSettings(ModelServerSettings):
     """gRPC port; 0 picks a free port."""
     metrics_port: int = Field(9093, ge=-1, le=65535)
     """Prometheus port; 0 picks a free port, -1 disables it."""
+    max_batch_tokens: int = Field(8192, ge=1)
+    """Most padded tokens per model batch; logits of up to this many positions are held at
+    once (x vocabulary x 4 bytes)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignd_server.common.config import ModelServerSettings
 
@@ -15,6 +15,26 @@ class RewardSettings(ModelServerSettings):
     metrics_port: int = Field(9092, ge=-1, le=65535)
     """Prometheus port; 0 picks a free port, -1 disables it."""
     model: str = "minilm-l6"
-    """Reward model: a bundled name or a local sequence-classifier directory (one label)."""
+    """Model of the scorer named ``default``: a bundled name or a local sequence-classifier
+    directory with one label; ``none`` for no default model scorer."""
     max_sequence_length: int = Field(512, ge=2, le=1_048_576)
     """Most tokens in one (prompt, response) item; longer items are rejected."""
+    scorers: list[str] = Field(default_factory=list)
+    """More scorers, each ``NAME=model:PATH_OR_BUNDLED_NAME`` or ``NAME=function:MODULE:FUNC``
+    (a callable ``f(prompt, response, label) -> float``); repeat the flag for several."""
+    default_scorer: str = "default"
+    """Scorer used when a request names none."""
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorer_specs(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            name, _, rest = spec.partition("=")
+            kind, _, target = rest.partition(":")
+            if not name or kind not in ("model", "function") or not target:
+                raise ValueError(
+                    f"scorer {spec!r}: expected NAME=model:PATH or NAME=function:MODULE:FUNC"
+                )
+            if kind == "function" and ":" not in target:
+                raise ValueError(f"scorer {spec!r}: a function is named MODULE:FUNC")
+        return specs

@@ -2,48 +2,176 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+import numpy as np
 from grpc import aio
 
 from alignd.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from alignd_server.common.holder import ModelHolder
+from alignd_server.common.batching import BatcherMetrics, deadline_of
+from alignd_server.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from alignd_server.common.info import model_info, server_info
-from alignd_server.common.models import load_sequence_classifier
+from alignd_server.common.metrics import ServerMetrics
 from alignd_server.reward.config import RewardSettings
+from alignd_server.reward.scorers import ModelScorer, PromptValue, ScoreInput, Scorer, load_scorers
+
+log = logging.getLogger(__name__)
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-DEFAULT_SCORER = "default"
+
+
+def _prompt(item: reward_pb2.ScoreItem | reward_pb2.CompareItem, field: str) -> PromptValue:
+    kind = item.WhichOneof("prompt_kind")
+    if kind == "prompt":
+        if not item.prompt:
+            raise InvalidArgument(f"{field}.prompt", "must not be empty")
+        return item.prompt
+    if kind == "chat":
+        if not item.chat.messages:
+            raise InvalidArgument(f"{field}.chat.messages", "must not be empty")
+        for j, message in enumerate(item.chat.messages):
+            if not message.role or not message.content:
+                raise InvalidArgument(f"{field}.chat.messages[{j}]", "role and content must be set")
+        return [{"role": m.role, "content": m.content} for m in item.chat.messages]
+    raise InvalidArgument(field, "prompt or chat must be set")
+
+
+def _text(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    return value
+
+
+def _label(item) -> str | None:
+    return item.label if item.HasField("label") else None
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    """Hosts the reward model(s). Score and Compare are served by the scoring engine."""
+    """Scores with the configured scorers, each behind a dynamic batcher."""
 
     name = SERVICE
 
-    def __init__(self, settings: RewardSettings) -> None:
+    def __init__(self, settings: RewardSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
-        self.holder = ModelHolder("reward model")
         self.started_at = time.time()
+        self.scorers: dict[str, Scorer] = {}
+        self._loading = False
+        self._metrics = BatcherMetrics(metrics.registry)
 
     def register(self, server: aio.Server) -> None:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        await self.holder.load_configured(self.settings, load_sequence_classifier)
+        self._loading = True
+        try:
+            scorers = await asyncio.to_thread(load_scorers, self.settings, self._metrics)
+        finally:
+            self._loading = False
+        for scorer in scorers.values():
+            scorer.start()
+            log.info("scorer %s (%s) ready", scorer.name, scorer.kind)
+        self.scorers = scorers
 
     async def stop(self) -> None:
-        self.holder.loaded = None
+        for scorer in self.scorers.values():
+            await scorer.stop()
+
+    def _scorer(self, name: str) -> Scorer:
+        if not self.scorers:
+            if self._loading:
+                raise Unavailable("the scorers are still loading")
+            raise FailedPrecondition("no scorer is loaded")
+        chosen = name or self.settings.default_scorer
+        if chosen not in self.scorers:
+            known = ", ".join(sorted(self.scorers))
+            raise InvalidArgument("scorer", f"unknown scorer {chosen!r}; this server has {known}")
+        return self.scorers[chosen]
+
+    def _check_count(self, count: int) -> None:
+        if count == 0:
+            raise InvalidArgument("items", "must not be empty")
+        if count > self.settings.max_batch_size:
+            raise InvalidArgument(
+                "items", f"{count} items exceed max_batch_size {self.settings.max_batch_size}"
+            )
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
+        scorer = self._scorer(request.scorer)
+        self._check_count(len(request.items))
+        inputs = [
+            ScoreInput(
+                _prompt(item, f"items[{i}]"),
+                _text(item.response, f"items[{i}].response"),
+                _label(item),
+                f"items[{i}].prompt",
+                f"items[{i}].response",
+            )
+            for i, item in enumerate(request.items)
+        ]
+        scores = await scorer.score(inputs, deadline_of(context))
+        return reward_pb2.ScoreResponse(scores=scores.tolist(), scorer=scorer.name)
+
+    async def Compare(
+        self, request: reward_pb2.CompareRequest, context
+    ) -> reward_pb2.CompareResponse:
+        scorer = self._scorer(request.scorer)
+        self._check_count(len(request.items))
+        inputs = []
+        for side in ("a", "b"):
+            for i, item in enumerate(request.items):
+                field = f"items[{i}].response_{side}"
+                response = _text(getattr(item, f"response_{side}"), field)
+                inputs.append(
+                    ScoreInput(
+                        _prompt(item, f"items[{i}]"),
+                        response,
+                        _label(item),
+                        f"items[{i}].prompt",
+                        field,
+                    )
+                )
+        scores = await scorer.score(inputs, deadline_of(context))
+        count = len(request.items)
+        a, b = scores[:count].astype(np.float64), scores[count:].astype(np.float64)
+        probabilities = 0.5 * (1.0 + np.tanh(0.5 * (a - b)))  # sigmoid(a - b), overflow-free
+        return reward_pb2.CompareResponse(
+            probabilities=probabilities.tolist(),
+            scores_a=a.tolist(),
+            scores_b=b.tolist(),
+            scorer=scorer.name,
+        )
 
     async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> reward_pb2.RewardInfo:
-        loaded = self.holder.require()
-        info = server_info(SERVICE, self.settings, self.started_at, loaded)
-        scorer = reward_pb2.ScorerInfo(
-            name=DEFAULT_SCORER,
-            kind=reward_pb2.SCORER_KIND_MODEL,
-            model=model_info(loaded),
-            normalization=reward_pb2.ScoreNormalization(scale=1.0),
-            limits=info.limits,
-            is_default=True,
-        )
-        return reward_pb2.RewardInfo(server=info, scorers=[scorer])
+        default = self._scorer("")
+        loaded = default.loaded if isinstance(default, ModelScorer) else None
+        info = server_info(
+            SERVICE, self.settings, self.started_at, loaded,
+            max_batch_tokens=self.settings.max_batch_tokens,
+        )  # fmt: skip
+        scorers = []
+        for scorer in self.scorers.values():
+            entry = reward_pb2.ScorerInfo(
+                name=scorer.name,
+                limits=info.limits,
+                is_default=scorer is default,
+            )
+            if isinstance(scorer, ModelScorer):
+                norm = scorer.normalization
+                entry.kind = reward_pb2.SCORER_KIND_MODEL
+                entry.model.CopyFrom(model_info(scorer.loaded))
+                entry.normalization.CopyFrom(
+                    reward_pb2.ScoreNormalization(
+                        offset=norm.offset,
+                        scale=norm.scale,
+                        clip_min=norm.clip_min,
+                        clip_max=norm.clip_max,
+                    )
+                )
+            else:
+                entry.kind = reward_pb2.SCORER_KIND_FUNCTION
+                entry.function = scorer.function
+                entry.normalization.scale = 1.0
+            scorers.append(entry)
+        return reward_pb2.RewardInfo(server=info, scorers=scorers)

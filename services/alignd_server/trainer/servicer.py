@@ -9,6 +9,7 @@ from grpc import aio
 from alignd.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from alignd_server.common.holder import ModelHolder
 from alignd_server.common.info import server_info
+from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.trainer.config import TrainerSettings
 
@@ -21,7 +22,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     name = SERVICE
 
-    def __init__(self, settings: TrainerSettings) -> None:
+    def __init__(self, settings: TrainerSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.holder = ModelHolder("trainer model (call Initialize first)")
         self.started_at = time.time()

@@ -94,13 +94,13 @@ def test_domain_errors_map_to_status_codes_and_are_counted(serve):
             client.tokenize([])
         with pytest.raises(InvalidArgumentError, match=r"max_length: 99999 is outside \[1, 2048\]"):
             client.tokenize(["hello"], max_length=99999)
-        with pytest.raises(UnimplementedError, match="ComputeLogprobs is not implemented"):
+        with pytest.raises(InvalidArgumentError, match="input_ids.values: must be set"):
             client._call("ComputeLogprobs", reference_pb2.ComputeLogprobsRequest())
         assert len(client.tokenize(["hello there"])) == 1
     samples = scrape(server)
     assert requests_total(samples, "Tokenize", "INVALID_ARGUMENT") == 2
     assert requests_total(samples, "Tokenize", "OK") == 1
-    assert requests_total(samples, "ComputeLogprobs", "UNIMPLEMENTED") == 1
+    assert requests_total(samples, "ComputeLogprobs", "INVALID_ARGUMENT") == 1
     latency_count = samples[
         (
             "alignd_rpc_duration_seconds_count",
@@ -155,6 +155,8 @@ def test_unexpected_exceptions_become_internal_with_a_request_id_and_the_server_
                 InvalidArgumentError, match=r"items\[3\].response: must not be empty"
             ):
                 client._call("Score", reward_pb2.ScoreRequest())
+            with pytest.raises(UnimplementedError, match="Compare is not implemented"):
+                client._call("Compare", reward_pb2.CompareRequest())
             assert client.health() == "SERVING"
 
 

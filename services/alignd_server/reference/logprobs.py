@@ -1,0 +1,49 @@
+"""The reference log-prob engine: completion-token log-probs, dynamically batched."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
+from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.forward import completion_logprobs, pad_right
+from alignd_server.common.models import LoadedModel
+
+
+class LogprobEngine:
+    """Computes log pi_ref of completion tokens for batches gathered across requests."""
+
+    def __init__(
+        self, loaded: LoadedModel, settings: ModelServerSettings, metrics: BatcherMetrics
+    ) -> None:
+        self.loaded = loaded
+        embeddings = loaded.model.get_input_embeddings().num_embeddings
+        #: Ids in [0, vocab_size) are accepted: known to the tokenizer and the embedding.
+        self.vocab_size = min(loaded.vocab_size, embeddings)
+        self._pad_id = loaded.tokenizer.pad_token_id
+        self.batcher = DynamicBatcher(
+            "reference",
+            self._run,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            metrics=metrics,
+        )
+
+    async def logprobs(
+        self, rows: Sequence[np.ndarray], prompt_lengths: Sequence[int], deadline: float | None
+    ) -> list[np.ndarray]:
+        """(T_i - p_i,) float32 log-probs of each row's completion tokens."""
+        items = list(zip(rows, prompt_lengths, strict=True))
+        return await self.batcher.submit(items, [len(r) for r in rows], deadline)
+
+    def _run(self, items: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            ids, mask, lengths = pad_right([r for r, _ in items], self._pad_id, self.loaded.device)
+            prompts = torch.tensor([p for _, p in items], device=ids.device)
+            rows = completion_logprobs(self.loaded.model, ids, mask, lengths, prompts)
+            return [row.cpu().numpy() for row in rows]
