@@ -263,6 +263,11 @@ class DynamicBatcher(Generic[P, R]):
             results = await asyncio.to_thread(self._run, [i.payload for i in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:  # stop() while computing
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(Unavailable("server is shutting down"))
+            raise
         except Exception as err:
             for item in batch:
                 if not item.future.done():

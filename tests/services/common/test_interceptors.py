@@ -94,7 +94,7 @@ def test_domain_errors_map_to_status_codes_and_are_counted(serve):
             client.tokenize([])
         with pytest.raises(InvalidArgumentError, match=r"max_length: 99999 is outside \[1, 2048\]"):
             client.tokenize(["hello"], max_length=99999)
-        with pytest.raises(InvalidArgumentError, match="input_ids.values: must be set"):
+        with pytest.raises(InvalidArgumentError, match=r"input_ids\.values: must be set"):
             client._call("ComputeLogprobs", reference_pb2.ComputeLogprobsRequest())
         assert len(client.tokenize(["hello there"])) == 1
     samples = scrape(server)

@@ -1,0 +1,176 @@
+"""The dynamic batcher: batch formation, limits, deadlines, cancellation, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
+from alignd_server.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+
+class Recorder:
+    """A batch function that records each batch it is given and doubles the payloads."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.gate = gate
+        self.threads: set[int] = set()
+
+    def __call__(self, payloads: list[int]) -> list[int]:
+        self.threads.add(threading.get_ident())
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.delay)
+        self.batches.append(list(payloads))
+        return [2 * p for p in payloads]
+
+
+def make(run, **limits) -> tuple[DynamicBatcher, BatcherMetrics]:
+    metrics = BatcherMetrics(CollectorRegistry())
+    defaults = {"max_batch_size": 4, "max_batch_tokens": 1000, "max_wait_s": 0.05,
+                "max_queue_size": 100}  # fmt: skip
+    return DynamicBatcher("test", run, **{**defaults, **limits}, metrics=metrics), metrics
+
+
+async def test_items_of_concurrent_requests_share_batches_and_keep_their_order():
+    run = Recorder()
+    batcher, _ = make(run, max_batch_size=8)
+    batcher.start()
+    results = await asyncio.gather(
+        batcher.submit([1, 2, 3], [1, 1, 1]), batcher.submit([4, 5], [1, 1])
+    )
+    await batcher.stop()
+    assert results == [[2, 4, 6], [8, 10]]
+    assert run.batches == [[1, 2, 3, 4, 5]]  # one batch for both requests
+    assert threading.get_ident() not in run.threads  # never on the event loop thread
+
+
+async def test_batches_respect_size_and_token_limits_and_group_similar_lengths():
+    run = Recorder()
+    batcher, _ = make(run, max_batch_size=3, max_batch_tokens=40)
+    batcher.start()
+    payloads = [1, 2, 3, 4, 5, 6]
+    costs = [10, 3, 10, 3, 3, 10]  # padded tokens = items x longest item
+    assert await batcher.submit(payloads, costs) == [2 * p for p in payloads]
+    await batcher.stop()
+    by_cost = dict(zip(payloads, costs, strict=True))
+    for batch in run.batches:
+        assert len(batch) <= 3
+        assert len(batch) * max(by_cost[p] for p in batch) <= 40
+    assert sorted(map(sorted, run.batches)) == [[1, 3, 6], [2, 4, 5]]  # short with short
+
+
+async def test_an_item_larger_than_the_token_limit_runs_alone():
+    run = Recorder()
+    batcher, _ = make(run, max_batch_tokens=5)
+    batcher.start()
+    assert await batcher.submit([1, 2], [50, 1]) == [2, 4]
+    await batcher.stop()
+    assert sorted(run.batches) == [[1], [2]]
+
+
+async def test_a_lone_item_waits_at_most_max_wait():
+    run = Recorder()
+    batcher, _ = make(run, max_batch_size=64, max_wait_s=0.2)
+    batcher.start()
+    start = time.monotonic()
+    assert await batcher.submit([7], [1]) == [14]
+    elapsed = time.monotonic() - start
+    await batcher.stop()
+    assert 0.15 <= elapsed < 2.0
+
+
+async def test_full_queue_rejects_with_resource_exhausted():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    batcher, metrics = make(run, max_batch_size=1, max_wait_s=0, max_queue_size=2)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([1], [1]))
+    await asyncio.sleep(0.05)  # the first item is running, blocked on the gate
+    queued = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
+        await batcher.submit([4], [1])
+    gate.set()
+    assert await first == [2]
+    assert await queued == [4, 6]
+    await batcher.stop()
+    assert metrics.rejected.labels("test")._value.get() == 1
+
+
+async def test_expired_items_are_dropped_before_compute():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    batcher, metrics = make(run, max_batch_size=1, max_wait_s=0)
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit([1], [1]))
+    await asyncio.sleep(0.05)
+    late = asyncio.ensure_future(batcher.submit([2], [1], deadline=time.monotonic() + 0.05))
+    await asyncio.sleep(0.1)
+    gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    await blocker
+    await batcher.stop()
+    assert run.batches == [[1]]
+    assert metrics.dropped.labels("test", "deadline")._value.get() == 1
+
+
+async def test_cancelled_requests_are_dropped_before_compute():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    batcher, metrics = make(run, max_batch_size=1, max_wait_s=0)
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit([1], [1]))
+    await asyncio.sleep(0.05)
+    gone = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    gate.set()
+    await blocker
+    await asyncio.sleep(0.05)
+    await batcher.stop()
+    assert run.batches == [[1]]
+    assert metrics.dropped.labels("test", "cancelled")._value.get() == 2
+
+
+async def test_a_failing_batch_fails_its_items_and_the_batcher_keeps_working():
+    calls = []
+
+    def run(payloads):
+        calls.append(payloads)
+        if 0 in payloads:
+            raise ValueError("bad batch")
+        return payloads
+
+    batcher, _ = make(run, max_batch_size=1)
+    batcher.start()
+    with pytest.raises(ValueError, match="bad batch"):
+        await batcher.submit([0], [1])
+    assert await batcher.submit([5], [1]) == [5]
+    await batcher.stop()
+
+
+async def test_stop_fails_queued_items_with_unavailable():
+    gate = threading.Event()
+    batcher, _ = make(Recorder(gate=gate), max_batch_size=1, max_wait_s=0)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit([1], [1]))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(batcher.submit([2], [1]))
+    await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(batcher.stop())
+    await asyncio.sleep(0.01)
+    gate.set()
+    await stopping
+    for pending in (running, waiting):  # in flight and queued alike
+        with pytest.raises(Unavailable):
+            await pending
+    with pytest.raises(Unavailable):
+        await batcher.submit([3], [1])
