@@ -72,6 +72,32 @@ def test_grpcurl_get_info_returns_the_model_and_limits(grpcurl, reward_process, 
     assert info["scorers"][0]["is_default"] is True
 
 
+def test_grpcurl_scores_with_a_json_body(grpcurl, reward_process):
+    body = json.dumps(
+        {
+            "items": [
+                {"prompt": "How are you?", "response": "Great, thanks!"},
+                {"chat": {"messages": [{"role": "user", "content": "Hi"}]}, "response": "Hello"},
+            ]
+        }
+    )
+    result = run([grpcurl, "-plaintext", "-d", body, reward_process.target,
+                  "alignd.v1.RewardService/Score"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)["scores"]
+    with RewardClient(reward_process.target) as client:
+        expected = client.score(["How are you?", [{"role": "user", "content": "Hi"}]],
+                                ["Great, thanks!", "Hello"])  # fmt: skip
+    assert len(scores) == 2
+    assert scores == pytest.approx(expected.tolist(), abs=1e-6)
+
+    bad = run([grpcurl, "-plaintext", "-d", '{"items": []}', reward_process.target,
+               "alignd.v1.RewardService/Score"])  # fmt: skip
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr
+    assert "items: must not be empty" in bad.stderr
+
+
 def test_sigterm_drains_and_exits_cleanly(tiny_models, tmp_path):
     log = tmp_path / "reference.log"
     service = LocalService("reference", ["--model", str(tiny_models.causal_lm),
