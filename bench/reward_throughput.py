@@ -1,0 +1,128 @@
+"""Reward scoring throughput: the service vs an in-process transformers forward, same model.
+
+Measures, on the same (prompt, response) pairs:
+  1. in-process: tokenizer + model forward in batches of 32 (the peer);
+  2. the service, one client sending batches of 32;
+  3. the service, 64 concurrent clients sending single items (dynamic batching on);
+  4. the same with dynamic batching off (max batch size 1).
+The runs take turns, several rounds, best of each; it prints pairs/s and the ratios 2/1
+(target >= 0.9) and 3/1 (target >= 0.8), with 4/1 beside.
+
+    python bench/reward_throughput.py                 # MiniLM (prepared bundled model)
+    python bench/reward_throughput.py --pairs 256 --model PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import interleaved, report, sentences
+
+from alignd import AsyncRewardClient, RewardClient
+from alignd.local import LocalService
+from alignd.models import resolve_model
+from alignd_server.common.forward import pad_right, sequence_scores
+from alignd_server.common.models import load_sequence_classifier
+from alignd_server.common.tokenization import tokenize
+
+BATCH = 32
+CONCURRENCY = 64
+
+
+def in_process(path: Path, prompts: list[str], responses: list[str]):
+    """Scores all pairs in-process: the tokenizer and the forward, batches of 32."""
+    loaded = load_sequence_classifier(path)
+    pad = loaded.tokenizer.pad_token_id
+
+    def run() -> None:
+        for i in range(0, len(prompts), BATCH):
+            rows = [
+                tokenize(loaded.tokenizer, p, r, max_length=512).input_ids
+                for p, r in zip(prompts[i : i + BATCH], responses[i : i + BATCH], strict=True)
+            ]
+            with torch.inference_mode():
+                sequence_scores(loaded.model, *pad_right(rows, pad))
+
+    return run
+
+
+def served_batches(client: RewardClient, prompts: list[str], responses: list[str]):
+    def run() -> None:
+        for i in range(0, len(prompts), BATCH):
+            client.score(prompts[i : i + BATCH], responses[i : i + BATCH])
+
+    return run
+
+
+def served_concurrent(target: str, prompts: list[str], responses: list[str]):
+    """64 asyncio clients (one channel each), each sending its share of items one by one."""
+
+    async def main() -> None:
+        clients = [AsyncRewardClient(target) for _ in range(CONCURRENCY)]
+
+        async def worker(client: AsyncRewardClient, k: int) -> None:
+            for i in range(k, len(prompts), CONCURRENCY):
+                await client.score([prompts[i]], [responses[i]])
+
+        await asyncio.gather(*(worker(c, k) for k, c in enumerate(clients)))
+        await asyncio.gather(*(c.close() for c in clients))
+
+    return lambda: asyncio.run(main())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-l6", help="bundled name or directory")
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
+    args = parser.parse_args()
+    path = resolve_model(args.model)
+    prompts = sentences(args.pairs, 8, 40, seed=1)
+    responses = sentences(args.pairs, 10, 60, seed=2)
+    n = len(prompts)
+
+    flags = ["--model", str(path), "--metrics-port", "-1", "--max-queue-size", "4096",
+             "--log-level", "WARNING"]  # fmt: skip
+    unbatched_flags = [*flags, "--max-batch-size", "1", "--max-wait-ms", "0"]
+    with (
+        LocalService("reward", flags) as service,
+        LocalService("reward", unbatched_flags) as plain,
+        RewardClient(service.target) as client,
+    ):
+        best = interleaved(
+            args.repeats,
+            {
+                "peer": in_process(path, prompts, responses),
+                "batched": served_batches(client, prompts, responses),
+                "concurrent": served_concurrent(service.target, prompts, responses),
+                "unbatched": served_concurrent(plain.target, prompts, responses),
+            },
+        )
+    peer = best["peer"]
+    rows = [
+        (f"in-process forward, batches of {BATCH}", n / peer, "pairs/s"),
+        (f"service, 1 client, batches of {BATCH}", n / best["batched"], "pairs/s"),
+        (f"service, {CONCURRENCY} clients x 1 item, dynamic batching", n / best["concurrent"],
+         "pairs/s"),
+        (f"service, {CONCURRENCY} clients x 1 item, batching off", n / best["unbatched"],
+         "pairs/s"),
+    ]  # fmt: skip
+    ratios = {
+        "batched service / in-process (target >= 0.9)": peer / best["batched"],
+        "64 clients, dynamic batching / in-process (target >= 0.8)": peer / best["concurrent"],
+        "64 clients, batching off / in-process": peer / best["unbatched"],
+    }
+    report(f"reward throughput ({path.name}, {n} pairs)", rows, ratios, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
