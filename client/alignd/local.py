@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from alignd.clients import GenerationClient, ReferenceClient, RewardClient, TrainerClient
 from alignd.clients.base import ClientBase
+from alignd.errors import AligndError
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +88,28 @@ class LocalService:
             if out:
                 out.close()
         log.info("started %s (pid %d) on %s", self.role, self.process.pid, self.target)
-        with self.client(timeout=10) as client:
-            try:
-                client.wait_ready(ready_timeout)
-            except TimeoutError:
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Polls health until SERVING; fails at once if the process exits."""
+        where = f"; see {self.log_file}" if self.log_file else ""
+        deadline = time.monotonic() + timeout
+        with self.client(timeout=10, retries=1) as client:
+            while time.monotonic() < deadline:
                 code = self.process.poll()
-                self.stop()
-                where = f"; see {self.log_file}" if self.log_file else ""
-                raise RuntimeError(
-                    f"{self.role} service did not become ready (exit code {code}){where}"
-                ) from None
+                if code is not None:
+                    raise RuntimeError(f"{self.role} service exited with code {code}{where}")
+                try:
+                    if client.health(timeout=1.0) == "SERVING":
+                        return
+                except AligndError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.role} service not ready after {timeout:.0f}s{where}")
 
     def client(self, **kwargs) -> ClientBase:
         """A new client of this service (close it, or use ``with``)."""

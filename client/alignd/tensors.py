@@ -7,6 +7,7 @@ for bfloat16, which numpy lacks and which is widened to float32 exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ __all__ = [
     "to_numpy",
     "to_ragged",
 ]
+
+MAX_DIMS = 32  # numpy's limit is 64; no API tensor needs more than a few
 
 # Wire dtype -> numpy dtype (little-endian). bfloat16 travels as its raw 16 bits.
 _NUMPY: dict[int, np.dtype] = {
@@ -74,6 +77,22 @@ def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def _check_lossless(array: np.ndarray, target: np.dtype) -> None:
+    """Refuses casts that would change values: out-of-range integers, floats to integers."""
+    if array.size == 0 or array.dtype == target:
+        return
+    integral = np.isfinite(array).all() and np.array_equal(array, np.round(array))
+    if target.kind in "iub" and array.dtype.kind == "f" and not integral:
+        raise TensorError(f"cannot send non-integer {array.dtype} values as {target}")
+    if target.kind in "iu" and array.dtype.kind in "iuf":
+        info = np.iinfo(target)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise TensorError(
+                f"values in [{low}, {high}] do not fit {target.name} [{info.min}, {info.max}]"
+            )
+
+
 def from_numpy(array: np.ndarray | Sequence, dtype: int | None = None) -> pb.Tensor:
     """Encodes an array as a Tensor message.
 
@@ -86,14 +105,16 @@ def from_numpy(array: np.ndarray | Sequence, dtype: int | None = None) -> pb.Ten
         The Tensor, with C-order little-endian bytes.
 
     Raises:
-        TensorError: the dtype is not one the API uses.
+        TensorError: the dtype is not one the API uses, or a value does not fit the wire dtype.
     """
     array = np.asarray(array)
     wire = _wire_dtype(array, dtype)
     if wire == pb.DTYPE_BFLOAT16:
         data = _to_bfloat16_bits(array.astype(np.float32, copy=False))
     else:
-        data = np.ascontiguousarray(array, dtype=_NUMPY[wire])
+        target = _NUMPY[wire]
+        _check_lossless(array, target)
+        data = np.ascontiguousarray(array, dtype=target)
     return pb.Tensor(dtype=wire, shape=array.shape, data=data.tobytes())
 
 
@@ -112,9 +133,11 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray:
         raise TensorError(f"dtype: unsupported value {tensor.dtype}")
     np_dtype = _NUMPY[tensor.dtype]
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"shape: {len(shape)} dimensions, at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise TensorError(f"shape: dimensions must be >= 0, got {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: no overflow
     expected = count * np_dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(
@@ -160,9 +183,8 @@ def to_ragged(ragged: pb.RaggedTensor) -> list[np.ndarray]:
     lengths = np.asarray(ragged.lengths, dtype=np.int64)
     if (lengths < 0).any():
         raise TensorError("lengths: every length must be >= 0")
-    if int(lengths.sum()) != values.shape[0]:
-        raise TensorError(
-            f"lengths: sum to {int(lengths.sum())}, but values has {values.shape[0]} elements"
-        )
+    total = sum(int(n) for n in ragged.lengths)  # Python ints: no overflow
+    if total != values.shape[0]:
+        raise TensorError(f"lengths: sum to {total}, but values has {values.shape[0]} elements")
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(lengths))]

@@ -136,3 +136,46 @@ def test_ragged_rows_must_be_one_dimensional():
     bad = pb.RaggedTensor(values=from_numpy(np.zeros((2, 2))), lengths=[4])
     with pytest.raises(TensorError, match="values: must be 1-D"):
         to_ragged(bad)
+
+
+@given(
+    st.integers(-3, 12),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=70),
+    st.binary(max_size=64),
+)
+def test_arbitrary_messages_decode_or_raise_tensor_error(dtype, shape, data):
+    tensor = pb.Tensor(dtype=dtype, shape=shape, data=data)
+    try:
+        array = to_numpy(tensor)
+    except TensorError:
+        return
+    assert array.nbytes == len(data) or tensor.dtype == pb.DTYPE_BFLOAT16
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5), st.integers(0, 8))
+def test_arbitrary_ragged_lengths_decode_or_raise_tensor_error(lengths, count):
+    ragged = pb.RaggedTensor(values=from_numpy(np.zeros(count, np.int32)), lengths=lengths)
+    try:
+        rows = to_ragged(ragged)
+    except TensorError:
+        return
+    assert [len(r) for r in rows] == lengths
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "message"),
+    [
+        (np.array([2**40]), pb.DTYPE_INT32, "do not fit int32"),
+        (np.array([300.0]), pb.DTYPE_UINT8, "do not fit uint8"),
+        (np.array([1.5]), pb.DTYPE_INT32, "non-integer"),
+        (np.array([-1]), pb.DTYPE_UINT8, "do not fit uint8"),
+    ],
+)
+def test_narrowing_casts_that_change_values_are_refused(values, dtype, message):
+    with pytest.raises(TensorError, match=message):
+        from_numpy(values, dtype)
+
+
+def test_lossless_narrowing_casts_are_allowed():
+    assert to_numpy(from_numpy(np.array([1, 2**31 - 1]), pb.DTYPE_INT32)).tolist() == [1, 2**31 - 1]
+    assert to_numpy(from_numpy(np.array([3.0]), pb.DTYPE_INT32)).tolist() == [3]

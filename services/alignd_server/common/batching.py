@@ -4,8 +4,8 @@ Requests put their items on one queue; a single worker forms batches bounded by
 ``max_batch_size`` items and ``max_batch_tokens`` padded tokens, waiting at most ``max_wait_s``
 after the oldest item arrived for more to come. It takes a window of the oldest items, sorts it
 by length so items of similar length share a batch (less padding), and runs each batch on the
-process's one compute thread (never on the event loop). Items whose deadline passed or whose caller went
-away are dropped before they are computed. A full queue rejects new work with
+process's one compute thread (never on the event loop). Items whose deadline passed or whose
+caller went away are dropped before they are computed. A full queue rejects new work with
 RESOURCE_EXHAUSTED.
 """
 
@@ -95,7 +95,7 @@ class DynamicBatcher(Generic[P, R]):
     Args:
         name: label of this batcher's metrics and logs.
         run: computes one batch: a list of payloads -> a list of results in the same order.
-            Runs in a worker thread; an exception fails every item of the batch.
+            Runs on the compute thread; an exception fails every item of the batch.
         max_batch_size: most items per call of ``run``.
         max_batch_tokens: most padded tokens (items x largest cost) per call; an item larger
             than this runs alone.

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from alignd.models import resolve_model
 from alignd_server.common.config import ModelServerSettings
@@ -13,6 +16,32 @@ from alignd_server.common.errors import FailedPrecondition, Unavailable
 from alignd_server.common.models import LoadedModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Runs a slow ``fn`` (a model load) on a daemon thread and awaits its result.
+
+    A daemon thread, unlike the default executor, does not hold up the process when SIGTERM
+    arrives mid-load: the server gives up on the load and exits at once.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def target() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as err:
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop may be gone if we were stopped
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name="alignd-load", daemon=True).start()
+    return await future
 
 
 class ModelHolder:
@@ -32,7 +61,7 @@ class ModelHolder:
         self._loading = True
         start = time.perf_counter()
         try:
-            loaded = await asyncio.to_thread(loader)
+            loaded = await in_daemon_thread(loader)
         finally:
             self._loading = False
         self.loaded = loaded

@@ -1,13 +1,16 @@
 """Server interceptors: observability (request id, logs, metrics), auth, error mapping.
 
 Each interceptor wraps the RPC in an async context manager (:meth:`ScopeInterceptor.scope`),
-which works the same for unary and streaming responses. The server installs them outermost
-first: observability sees the final status of every call, auth rejections included; the error
-interceptor, innermost, turns domain errors into status codes and is the only place that does.
+which works the same for unary and streaming RPCs. The server installs them outermost first:
+observability (which also parses the request bytes, so a malformed message is answered
+INVALID_ARGUMENT and counted), then error mapping, then auth. Observability sees the final
+status of every call; the error interceptor turns every domain error raised inside it, auth
+rejections included, into a status code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -21,7 +24,7 @@ import grpc
 from grpc import aio
 
 from alignd_server.common.auth import TokenVerifier
-from alignd_server.common.errors import AligndError, Unauthenticated
+from alignd_server.common.errors import AligndError, InvalidArgument, Unauthenticated
 from alignd_server.common.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -70,46 +73,66 @@ class ScopeInterceptor(aio.ServerInterceptor):
         return _wrap(handler, details.method, self.scope)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, scope) -> grpc.RpcMethodHandler:
-    if handler.response_streaming:
-        inner = handler.unary_stream or handler.stream_stream
+def _decoder(method: str, deserializer):
+    """Parses request bytes, turning a malformed message into INVALID_ARGUMENT."""
 
-        async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw) if deserializer else raw
+        except Exception as err:
+            _, name = split_method(method)
+            raise InvalidArgument("request", f"not a valid {name} request message: {err}") from None
+
+    return decode
+
+
+async def _decoded(requests: AsyncIterator[bytes], decode) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield decode(raw)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, scope, *, decode: bool = False
+) -> grpc.RpcMethodHandler:
+    """Runs ``handler`` inside ``scope``; with ``decode``, request bytes are parsed inside it
+    too, so that even an undecodable message is counted, logged and answered as bad input."""
+    parse = _decoder(method, handler.request_deserializer) if decode else None
+    inner = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+    def prepare(request: Any) -> Any:
+        if parse is None:
+            return request
+        return _decoded(request, parse) if handler.request_streaming else parse(request)
+
+    if handler.response_streaming:
+
+        async def behavior(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             async with scope(method, context):
-                result = inner(request, context)
+                result = inner(prepare(request), context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
                 elif inspect.isawaitable(result):
                     await result
 
-        behavior, factory = (
-            streaming,
-            (
-                grpc.unary_stream_rpc_method_handler
-                if handler.unary_stream
-                else grpc.stream_stream_rpc_method_handler
-            ),
-        )
     else:
-        inner = handler.unary_unary or handler.stream_unary
 
-        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: aio.ServicerContext) -> Any:
             async with scope(method, context):
-                result = inner(request, context)
+                result = inner(prepare(request), context)
                 return await result if inspect.isawaitable(result) else result
 
-        behavior, factory = (
-            unary,
-            (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            ),
-        )
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=None if decode else handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -123,6 +146,12 @@ class ObservabilityInterceptor(ScopeInterceptor):
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _wrap(handler, details.method, self.scope, decode=True)
 
     @asynccontextmanager
     async def scope(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
@@ -139,11 +168,19 @@ class ObservabilityInterceptor(ScopeInterceptor):
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid[:64]),))
             yield
             code = context.code() or grpc.StatusCode.OK
+        except AligndError as err:  # an undecodable request, outside the error interceptor
+            code = err.code
+            await context.abort(err.code, err.message, _trailing(context))
         except aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
         except BaseException:
-            code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
             raise
         finally:
             seconds = time.perf_counter() - start
@@ -152,7 +189,12 @@ class ObservabilityInterceptor(ScopeInterceptor):
             self._metrics.requests.labels(service, name, code.name).inc()
             self._metrics.latency.labels(service, name).observe(seconds)
             level = logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
-            if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) and level > 10:
+            quiet = (
+                grpc.StatusCode.OK,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            if code not in quiet and level > logging.DEBUG:
                 level = logging.WARNING if code != grpc.StatusCode.INTERNAL else logging.ERROR
             log.log(level, "rpc %s code=%s seconds=%.6f", method, code.name, seconds)
             request_id_var.reset(token)
@@ -194,6 +236,13 @@ class ErrorInterceptor(ScopeInterceptor):
         except AligndError as err:
             await context.abort(err.code, err.message, _trailing(context))
         except NotImplementedError:
+            if context.code() != grpc.StatusCode.UNIMPLEMENTED:  # not an RPC the server lacks
+                log.exception("unhandled error in %s", method)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error (request id {request_id_var.get()}); see the server log",
+                    _trailing(context),
+                )
             _, name = split_method(method)
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,

@@ -205,12 +205,21 @@ async def serve(server: Server) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # raises if a model failed to load
+            await stopping
+        else:  # signalled while the models load: give up on them
+            log.info("signalled during start-up; stopping")
+            starting.cancel()
     except BaseException:
         await server.stop(0)
         raise
-    await stop.wait()
+    finally:
+        stopping.cancel()
     await server.stop()
 
 

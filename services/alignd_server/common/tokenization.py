@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from jinja2 import TemplateError
 
 from alignd_server.common.errors import InvalidArgument
 
@@ -101,7 +102,10 @@ def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
             if not isinstance(value, str) or not value:
                 raise InvalidArgument(f"{field}[{j}].{key}", "must be a non-empty string")
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:  # e.g. roles that do not alternate as the template requires
+        raise InvalidArgument(field, f"the chat template rejected these messages: {err}") from None
 
 
 def _prompt_ids(tokenizer: Any, prompt: Any, field: str) -> list[int]:
@@ -159,9 +163,9 @@ def tokenize(
 
     Raises:
         InvalidArgument: empty prompt, empty chat or message, unknown token ids, a chat sent to
-            a model without a chat template, or too many ids with ``truncation="error"``.
-        ValueError: a bad ``max_length``/``truncation``, or ``append_eos`` with a tokenizer that
-            has no end token (server configuration errors, not request errors).
+            a model without a chat template or rejected by it, ``append_eos`` with a tokenizer
+            that has no end token, or too many ids with ``truncation="error"``.
+        ValueError: a bad ``max_length``/``truncation`` (server configuration errors).
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
@@ -172,7 +176,9 @@ def tokenize(
     if completion is not None and append_eos:
         eos = end_token_id(tokenizer)
         if eos is None:
-            raise ValueError("the tokenizer has no eos or sep token; use append_eos=False")
+            raise InvalidArgument(
+                "append_eos", "this model's tokenizer has no end token; set append_eos=false"
+            )
         if not completion_ids or completion_ids[-1] != eos:
             completion_ids.append(eos)
 

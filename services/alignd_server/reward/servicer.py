@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -12,6 +11,7 @@ from grpc import aio
 from alignd.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from alignd_server.common.batching import BatcherMetrics, deadline_of
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from alignd_server.common.holder import in_daemon_thread
 from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.reward.config import RewardSettings
@@ -66,7 +66,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def start(self) -> None:
         self._loading = True
         try:
-            scorers = await asyncio.to_thread(load_scorers, self.settings, self._metrics)
+            scorers = await in_daemon_thread(lambda: load_scorers(self.settings, self._metrics))
         finally:
             self._loading = False
         for scorer in scorers.values():

@@ -251,3 +251,15 @@ def test_tiny_chat_template_renders_like_smollm2(prepared_home, tok, chat):
     for generation_prompt in (True, False):
         kwargs = {"add_generation_prompt": generation_prompt, "tokenize": False}
         assert tok.apply_chat_template(chat, **kwargs) == smol.apply_chat_template(chat, **kwargs)
+
+
+def test_a_chat_template_that_rejects_the_messages_is_an_invalid_argument(tiny_models):
+    tokenizer = load_tokenizer(tiny_models.causal_lm)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    chat = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidArgument, match=r"items\[1\].prompt: the chat template rejected"):
+        tokenize(tokenizer, chat, max_length=64, field="items[1].prompt")
