@@ -17,7 +17,10 @@ SERVICE = "alignd.v1.ReferenceService"
 
 
 def logprob_requests(
-    sequences: Sequence[Sequence[int] | np.ndarray], prompt_lengths: Sequence[int], chunk: int
+    sequences: Sequence[Sequence[int] | np.ndarray],
+    prompt_lengths: Sequence[int],
+    chunk: int,
+    temperature: float | None = None,
 ) -> list[reference_pb2.ComputeLogprobsRequest]:
     """ComputeLogprobsRequests of at most ``chunk`` sequences, in order."""
     if len(sequences) != len(prompt_lengths):
@@ -27,6 +30,7 @@ def logprob_requests(
         reference_pb2.ComputeLogprobsRequest(
             input_ids=from_ragged(rows[i : i + chunk], common_pb2.DTYPE_INT32),
             prompt_lengths=prompt_lengths[i : i + chunk],
+            temperature=temperature,
         )
         for i in range(0, len(rows), chunk)
     ]
@@ -53,6 +57,7 @@ class ReferenceClient(TokenizingClient):
         sequences: Sequence[Sequence[int] | np.ndarray],
         prompt_lengths: Sequence[int],
         *,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[np.ndarray]:
         """Per-token log pi_ref of each sequence's completion tokens.
@@ -60,6 +65,8 @@ class ReferenceClient(TokenizingClient):
         Args:
             sequences: token ids, prompt followed by completion.
             prompt_lengths: prompt length p of each sequence, 1 <= p < len(sequence).
+            temperature: log-probs of softmax(logits / temperature), as generation reports
+                them for that temperature (default 1).
             timeout: deadline of each request, in seconds.
 
         Returns:
@@ -67,7 +74,7 @@ class ReferenceClient(TokenizingClient):
         """
         if self._max_batch is None:
             self._max_batch = self.info().server.limits.max_batch_size or 32
-        requests = logprob_requests(sequences, prompt_lengths, self._max_batch)
+        requests = logprob_requests(sequences, prompt_lengths, self._max_batch, temperature)
         futures = [
             self._stub.ComputeLogprobs.future(r, timeout=timeout or self.timeout) for r in requests
         ]
@@ -95,12 +102,13 @@ class AsyncReferenceClient(AsyncTokenizingClient):
         sequences: Sequence[Sequence[int] | np.ndarray],
         prompt_lengths: Sequence[int],
         *,
+        temperature: float | None = None,
         timeout: float | None = None,
     ) -> list[np.ndarray]:
         """See :meth:`ReferenceClient.logprobs`."""
         if self._max_batch is None:
             self._max_batch = (await self.info()).server.limits.max_batch_size or 32
-        requests = logprob_requests(sequences, prompt_lengths, self._max_batch)
+        requests = logprob_requests(sequences, prompt_lengths, self._max_batch, temperature)
         return _rows(
             await asyncio.gather(
                 *(self._call("ComputeLogprobs", r, timeout=timeout) for r in requests)

@@ -117,7 +117,7 @@ class InitializeResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., trainable_parameters: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("input_ids", "prompt_lengths", "loss_mask", "token_inputs", "sequence_inputs")
+    __slots__ = ("input_ids", "prompt_lengths", "completion_mask", "token_inputs", "sequence_inputs")
     class TokenInputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,15 +134,15 @@ class Batch(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
-    LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_MASK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_INPUTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_INPUTS_FIELD_NUMBER: _ClassVar[int]
     input_ids: _common_pb2.RaggedTensor
     prompt_lengths: _containers.RepeatedScalarFieldContainer[int]
-    loss_mask: _common_pb2.RaggedTensor
+    completion_mask: _common_pb2.RaggedTensor
     token_inputs: _containers.MessageMap[str, _common_pb2.RaggedTensor]
     sequence_inputs: _containers.MessageMap[str, _common_pb2.Tensor]
-    def __init__(self, input_ids: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., token_inputs: _Optional[_Mapping[str, _common_pb2.RaggedTensor]] = ..., sequence_inputs: _Optional[_Mapping[str, _common_pb2.Tensor]] = ...) -> None: ...
+    def __init__(self, input_ids: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ..., completion_mask: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., token_inputs: _Optional[_Mapping[str, _common_pb2.RaggedTensor]] = ..., sequence_inputs: _Optional[_Mapping[str, _common_pb2.Tensor]] = ...) -> None: ...
 
 class CrossEntropyLoss(_message.Message):
     __slots__ = ("label_smoothing",)
@@ -187,26 +187,30 @@ class KtoLoss(_message.Message):
     def __init__(self, beta: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ...) -> None: ...
 
 class PpoLoss(_message.Message):
-    __slots__ = ("clip_range", "value_clip_range", "vf_coef", "entropy_coef")
+    __slots__ = ("clip_range", "value_clip_range", "vf_coef", "entropy_coef", "temperature")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     VALUE_CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     VF_COEF_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_COEF_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     clip_range: float
     value_clip_range: float
     vf_coef: float
     entropy_coef: float
-    def __init__(self, clip_range: _Optional[float] = ..., value_clip_range: _Optional[float] = ..., vf_coef: _Optional[float] = ..., entropy_coef: _Optional[float] = ...) -> None: ...
+    temperature: float
+    def __init__(self, clip_range: _Optional[float] = ..., value_clip_range: _Optional[float] = ..., vf_coef: _Optional[float] = ..., entropy_coef: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class PolicyGradientLoss(_message.Message):
-    __slots__ = ("clip_range", "kl_coef", "aggregation")
+    __slots__ = ("clip_range", "kl_coef", "aggregation", "temperature")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     clip_range: float
     kl_coef: float
     aggregation: Aggregation
-    def __init__(self, clip_range: _Optional[float] = ..., kl_coef: _Optional[float] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ...) -> None: ...
+    temperature: float
+    def __init__(self, clip_range: _Optional[float] = ..., kl_coef: _Optional[float] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class Loss(_message.Message):
     __slots__ = ("cross_entropy", "bradley_terry", "dpo", "kto", "ppo", "policy_gradient")
@@ -268,12 +272,14 @@ class OptimStepResponse(_message.Message):
     def __init__(self, grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("batch", "outputs")
+    __slots__ = ("batch", "outputs", "temperature")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     batch: Batch
     outputs: _containers.RepeatedScalarFieldContainer[ForwardOutput]
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[ForwardOutput, str]]] = ...) -> None: ...
+    temperature: float
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[ForwardOutput, str]]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("logprobs", "values", "entropy", "rewards")
@@ -326,14 +332,16 @@ class PushTarget(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class PushWeightsRequest(_message.Message):
-    __slots__ = ("targets", "version", "timeout_seconds")
+    __slots__ = ("targets", "version", "timeout_seconds", "shared_path")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[PushTarget]
     version: int
     timeout_seconds: float
-    def __init__(self, targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    shared_path: str
+    def __init__(self, targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., shared_path: _Optional[str] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("address", "ok", "error", "seconds", "bytes")

@@ -21,8 +21,18 @@ def model_info(loaded: LoadedModel) -> pb.ModelInfo:
         device=loaded.device,
         vocab_size=loaded.vocab_size,
         has_chat_template=loaded.has_chat_template,
-        eos_token_id=-1 if loaded.eos_token_id is None else loaded.eos_token_id,
+        eos_token_ids=eos_token_ids(loaded),
     )
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """The tokenizer's end token, then any other end ids the model's generation config lists."""
+    ids = [] if loaded.eos_token_id is None else [loaded.eos_token_id]
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    for token in [configured] if isinstance(configured, int) else list(configured or []):
+        if token not in ids:
+            ids.append(token)
+    return ids
 
 
 def limits(settings: ServerSettings, **extra: int) -> pb.Limits:

@@ -79,3 +79,13 @@ def prompt_lengths(
                 f"{p} must be in [{min_prompt}, {len(row) - 1}] (sequence length - 1)",
             )
     return lengths
+
+
+def positive(message, field: str, *, default: float) -> float:
+    """An optional float field that must be finite and > 0 when set; ``default`` when unset."""
+    if not message.HasField(field):
+        return default
+    value = getattr(message, field)
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidArgument(field, f"must be a finite number > 0, got {value}")
+    return float(value)

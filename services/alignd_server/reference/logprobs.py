@@ -35,15 +35,34 @@ class LogprobEngine:
         )
 
     async def logprobs(
-        self, rows: Sequence[np.ndarray], prompt_lengths: Sequence[int], deadline: float | None
+        self,
+        rows: Sequence[np.ndarray],
+        prompt_lengths: Sequence[int],
+        temperature: float,
+        deadline: float | None,
     ) -> list[np.ndarray]:
-        """(T_i - p_i,) float32 log-probs of each row's completion tokens."""
-        items = list(zip(rows, prompt_lengths, strict=True))
+        """(T_i - p_i,) float32 log softmax(logits / temperature) of each row's completion."""
+        items = [(row, p, temperature) for row, p in zip(rows, prompt_lengths, strict=True)]
         return await self.batcher.submit(items, [len(r) for r in rows], deadline)
 
-    def _run(self, items: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    def _run(self, items: list[tuple[np.ndarray, int, float]]) -> list[np.ndarray]:
+        """Items of one temperature share a forward pass (temperature is almost always 1)."""
+        out: list[np.ndarray | None] = [None] * len(items)
+        for temperature in {t for _, _, t in items}:
+            index = [i for i, item in enumerate(items) if item[2] == temperature]
+            rows = self._forward([items[i][0] for i in index], [items[i][1] for i in index],
+                                 temperature)  # fmt: skip
+            for i, row in zip(index, rows, strict=True):
+                out[i] = row
+        return out
+
+    def _forward(
+        self, rows: list[np.ndarray], prompt_lengths: list[int], temperature: float
+    ) -> list[np.ndarray]:
         with torch.inference_mode():
-            ids, mask, lengths = pad_right([r for r, _ in items], self._pad_id, self.loaded.device)
-            prompts = torch.tensor([p for _, p in items], device=ids.device)
-            rows = completion_logprobs(self.loaded.model, ids, mask, lengths, prompts)
-            return [row.cpu().numpy() for row in rows]
+            ids, mask, lengths = pad_right(rows, self._pad_id, self.loaded.device)
+            prompts = torch.tensor(prompt_lengths, device=ids.device)
+            logprobs = completion_logprobs(
+                self.loaded.model, ids, mask, lengths, prompts, temperature
+            )
+            return [row.cpu().numpy() for row in logprobs]

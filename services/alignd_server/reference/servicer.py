@@ -15,7 +15,7 @@ from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
 from alignd_server.common.tokenize_rpc import serve_tokenize
-from alignd_server.common.validation import prompt_lengths, token_rows
+from alignd_server.common.validation import positive, prompt_lengths, token_rows
 from alignd_server.reference.config import ReferenceSettings
 from alignd_server.reference.logprobs import LogprobEngine
 
@@ -61,7 +61,8 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
             min_length=2,
         )
         prompts = prompt_lengths(request.prompt_lengths, rows, "prompt_lengths")
-        logprobs = await engine.logprobs(rows, prompts.tolist(), deadline_of(context))
+        temperature = positive(request, "temperature", default=1.0)
+        logprobs = await engine.logprobs(rows, prompts.tolist(), temperature, deadline_of(context))
         response = reference_pb2.ComputeLogprobsResponse(
             logprobs=from_ragged(logprobs, common_pb2.DTYPE_FLOAT32)
         )

@@ -13,12 +13,12 @@ from alignd.v1 import common_pb2, reference_pb2
 from alignd_server.common.models import load_causal_lm
 
 
-def expected_logprobs(path, sequence, prompt_length) -> np.ndarray:
+def expected_logprobs(path, sequence, prompt_length, temperature=1.0) -> np.ndarray:
     """log_softmax of an in-process forward on the sequence alone, at the completion tokens."""
     model = load_causal_lm(path).model
     with torch.inference_mode():
         logits = model(torch.as_tensor(np.asarray(sequence)[None], dtype=torch.long)).logits[0]
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    logprobs = torch.log_softmax(logits.double() / temperature, dim=-1)
     positions = torch.arange(prompt_length - 1, len(sequence) - 1)
     return logprobs[positions, torch.tensor(sequence[prompt_length:])].numpy()
 
@@ -41,6 +41,24 @@ def test_logprobs_equal_log_softmax_of_an_in_process_forward(serve, tiny_models)
         np.testing.assert_allclose(
             values, expected_logprobs(tiny_models.causal_lm, row, p), atol=1e-5
         )
+
+
+def test_temperature_divides_the_logits(serve, tiny_models):
+    server = serve("reference")
+    with ReferenceClient(server.target) as client:
+        rows = sequences(client.info().server.model.vocab_size, [10, 6])
+        got = client.logprobs(rows, [3, 2], temperature=0.7)
+        with pytest.raises(InvalidArgumentError, match="temperature: must be a finite number > 0"):
+            client.logprobs(rows, [3, 2], temperature=0.0)
+    for row, p, values in zip(rows, [3, 2], got, strict=True):
+        expected = expected_logprobs(tiny_models.causal_lm, row, p, temperature=0.7)
+        np.testing.assert_allclose(values, expected, atol=1e-5)
+
+
+def test_info_lists_the_end_tokens(serve):
+    with ReferenceClient(serve("reference").target) as client:
+        model = client.info().server.model
+    assert list(model.eos_token_ids) == [2]  # <|im_end|> of the ChatML tokenizer
 
 
 def test_logprobs_do_not_depend_on_batch_composition(serve):
