@@ -89,7 +89,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type[ServerSettings
     for name, field in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"ALIGND_{name.upper()}"
-        help_text = f"{field.description or ''} [env {env}, default {field.default!r}]"
+        default = field.default_factory() if field.default_factory else field.default
+        help_text = f"{field.description or ''} [env {env}, default {default!r}]"
         if field.annotation is bool:
             parser.add_argument(
                 flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text

