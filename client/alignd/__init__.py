@@ -17,6 +17,7 @@ from alignd.clients import (
     TokenizedSequence,
     TrainerClient,
 )
+from alignd.clients.generation import Completion, SamplingParams
 from alignd.errors import AligndError
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "AsyncReferenceClient",
     "AsyncRewardClient",
     "AsyncTrainerClient",
+    "Completion",
     "GenerationClient",
     "ReferenceClient",
     "RewardClient",
+    "SamplingParams",
     "TLSConfig",
     "TokenizedSequence",
     "TrainerClient",

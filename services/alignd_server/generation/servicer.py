@@ -2,40 +2,241 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
+from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from alignd_server.common.errors import Aborted, InvalidArgument
 from alignd_server.common.holder import ModelHolder
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
-from alignd_server.common.tokenize_rpc import serve_tokenize
+from alignd_server.common.tokenization import tokenize
+from alignd_server.common.tokenize_rpc import prompt_from_proto, serve_tokenize
 from alignd_server.generation.config import GenerationSettings
+from alignd_server.generation.hf_engine import HFEngine, Output
+from alignd_server.generation.metrics import GenerationMetrics
+from alignd_server.generation.sampling import Sampling, sampling_from_proto
+from alignd_server.generation.weights import StreamAssembler, named_parameters, read_directory
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+FINISH = {
+    "eos": generation_pb2.FINISH_REASON_EOS,
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def _completion(output: Output) -> generation_pb2.Completion:
+    return generation_pb2.Completion(
+        token_ids=from_numpy(output.token_ids),
+        text=output.text,
+        logprobs=from_numpy(output.logprobs),
+        finish_reason=FINISH[output.finish_reason],
+    )
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    """Hosts the policy. Generate, streaming and weight updates are served by the engine."""
+    """Samples from the policy and takes versioned weight updates."""
 
     name = SERVICE
 
     def __init__(self, settings: GenerationSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.holder = ModelHolder("policy")
-        self.weights_version = 0
         self.started_at = time.time()
+        self.metrics = GenerationMetrics(metrics.registry)
+        self.engine: HFEngine | None = None
+        self._updating = asyncio.Lock()
 
     def register(self, server: aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        await self.holder.load_configured(self.settings, load_causal_lm)
+        if self.settings.engine != "hf":
+            raise ValueError(f"engine {self.settings.engine!r} is not available in this build")
+        loaded = await self.holder.load_configured(self.settings, load_causal_lm)
+        self.engine = HFEngine(loaded)
 
     async def stop(self) -> None:
         self.holder.loaded = None
+
+    def _engine(self) -> HFEngine:
+        self.holder.require()
+        return self.engine
+
+    def _prompts(self, prompts, sampling: Sampling, field: str = "prompts") -> list:
+        loaded = self.holder.require()
+        budget = self.settings.max_sequence_length - sampling.max_new_tokens
+        if budget < 1:
+            raise InvalidArgument(
+                "params.max_new_tokens",
+                f"leaves no room for a prompt within max_sequence_length "
+                f"{self.settings.max_sequence_length}",
+            )
+        rows = []
+        for i, prompt in enumerate(prompts):
+            value = prompt_from_proto(prompt, f"{field}[{i}]")
+            rows.append(
+                tokenize(
+                    loaded.tokenizer, value, max_length=budget, field=f"{field}[{i}]"
+                ).input_ids
+            )
+        return rows
+
+    def _sampling(self, params: generation_pb2.SamplingParams) -> Sampling:
+        return sampling_from_proto(
+            params,
+            max_new_tokens=self.settings.max_new_tokens,
+            vocab_size=self.holder.require().vocab_size,
+        )
+
+    def _record(self, outputs: list[list[Output]], prompts: list, start: float) -> None:
+        tokens = sum(len(o.token_ids) for group in outputs for o in group)
+        self.metrics.generated_tokens.inc(tokens)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        self.metrics.batch_size.observe(sum(len(group) for group in outputs))
+        self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context
+    ) -> generation_pb2.GenerateResponse:
+        engine = self._engine()
+        count = len(request.prompts)
+        if not 1 <= count <= self.settings.max_batch_size:
+            raise InvalidArgument(
+                "prompts",
+                f"{count} prompts, must be 1 .. max_batch_size {self.settings.max_batch_size}",
+            )
+        sampling = self._sampling(request.params)
+        prompts = await asyncio.to_thread(self._prompts, request.prompts, sampling)
+        start = time.perf_counter()
+        first: list[float] = []
+        outputs, version = await engine.generate(
+            prompts, sampling, lambda *_: first or first.append(time.perf_counter())
+        )
+        if first:
+            self.metrics.first_token.observe(first[0] - start)
+        self._record(outputs, prompts, start)
+        return generation_pb2.GenerateResponse(
+            results=[
+                generation_pb2.PromptCompletions(
+                    prompt_token_ids=from_numpy(prompt),
+                    completions=[_completion(o) for o in group],
+                )
+                for prompt, group in zip(prompts, outputs, strict=True)
+            ],
+            weights_version=version,
+        )
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateStreamRequest, context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        engine = self._engine()
+        sampling = self._sampling(request.params)
+        (prompt,) = await asyncio.to_thread(self._prompts, [request.prompt], sampling, "prompt")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        rows = [[] for _ in range(sampling.n)]
+
+        def on_step(row: int, token: int, logprob: float) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (row, token, logprob))
+
+        task = asyncio.ensure_future(engine.generate([prompt], sampling, on_step))
+        task.add_done_callback(lambda _: loop.call_soon(events.put_nowait, None))
+        first = True
+        tokenizer = self.holder.require().tokenizer
+        try:
+            while (event := await events.get()) is not None:
+                row, token, logprob = event
+                before = tokenizer.decode(
+                    rows[row], skip_special_tokens=sampling.skip_special_tokens
+                )
+                rows[row].append(token)
+                after = tokenizer.decode(
+                    rows[row], skip_special_tokens=sampling.skip_special_tokens
+                )
+                message = generation_pb2.GenerateStreamResponse(
+                    index=row,
+                    token_ids=from_numpy([token], common_pb2.DTYPE_INT32),
+                    text=after[len(before) :] if after.startswith(before) else after,
+                    logprobs=from_numpy([logprob], common_pb2.DTYPE_FLOAT32),
+                    weights_version=engine.version,
+                )
+                if first:
+                    message.prompt_token_ids.CopyFrom(from_numpy(prompt))
+                    first = False
+                yield message
+            outputs, version = task.result()
+            for index, output in enumerate(outputs[0]):
+                yield generation_pb2.GenerateStreamResponse(
+                    index=index,
+                    finish_reason=FINISH[output.finish_reason],
+                    weights_version=version,
+                )
+        finally:
+            task.cancel()
+
+    async def UpdateWeights(
+        self, request_iterator, context
+    ) -> generation_pb2.UpdateWeightsResponse:
+        engine = self._engine()
+        if self._updating.locked():
+            raise Aborted("another weight update is in progress; retry after it finishes")
+        async with self._updating:
+            start = time.perf_counter()
+            assembler = StreamAssembler(named_parameters(engine.model), engine.version)
+            tensors, index = None, 0
+            async for part in request_iterator:
+                if tensors is not None:
+                    raise InvalidArgument(f"messages[{index}]", "nothing may follow the commit")
+                tensors = assembler.add(index, part)
+                index += 1
+            if tensors is None:
+                raise InvalidArgument(
+                    "commit",
+                    "the stream ended before its commit; the serving weights are unchanged",
+                )
+            header = assembler.header
+            await engine.swap(tensors, header.version)
+            return self._updated(
+                header.version, len(tensors), assembler.total, start, header.partial
+            )
+
+    async def LoadWeights(
+        self, request: generation_pb2.LoadWeightsRequest, context
+    ) -> generation_pb2.UpdateWeightsResponse:
+        engine = self._engine()
+        if request.version <= engine.version:
+            raise InvalidArgument(
+                "version",
+                f"{request.version} must be greater than the serving version {engine.version}",
+            )
+        if self._updating.locked():
+            raise Aborted("another weight update is in progress; retry after it finishes")
+        async with self._updating:
+            start = time.perf_counter()
+            params = named_parameters(engine.model)
+            tensors, size = await asyncio.to_thread(
+                read_directory, request.path, params, request.partial
+            )
+            await engine.swap(tensors, request.version)
+            return self._updated(request.version, len(tensors), size, start, request.partial)
+
+    def _updated(
+        self, version: int, count: int, size: int, start: float, partial: bool
+    ) -> generation_pb2.UpdateWeightsResponse:
+        seconds = time.perf_counter() - start
+        self.metrics.weights_version.set(version)
+        self.metrics.update_seconds.observe(seconds)
+        self.metrics.update_bytes.inc(size)
+        return generation_pb2.UpdateWeightsResponse(
+            version=version, tensors_updated=count, bytes=size, seconds=seconds, partial=partial
+        )
 
     async def Tokenize(
         self, request: common_pb2.TokenizeRequest, context
@@ -53,5 +254,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_new_tokens=self.settings.max_new_tokens,
         )
         return generation_pb2.GenerationInfo(
-            server=info, engine=self.settings.engine, weights_version=self.weights_version
+            server=info, engine=self.settings.engine, weights_version=self._engine().version
         )

@@ -1,0 +1,168 @@
+"""Assembling weight updates: an UpdateWeights stream or a safetensors directory.
+
+Names are those of the model's ``state_dict`` (tied weights answer to every name they have);
+shapes must match exactly; values are converted to the model's dtype on load. Nothing is
+applied until the update is complete and checked, so a broken, partial or mismatched update
+leaves the serving weights alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from alignd.v1 import common_pb2, generation_pb2
+from alignd_server.common.errors import InvalidArgument
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+TORCH_DTYPES = {
+    common_pb2.DTYPE_FLOAT32: torch.float32,
+    common_pb2.DTYPE_FLOAT16: torch.float16,
+    common_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+}
+
+
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every state_dict name that is a parameter (tied weights under each of their names)."""
+    params = {}
+    for name in model.state_dict():
+        try:
+            params[name] = model.get_parameter(name)
+        except AttributeError:  # a buffer, not a parameter
+            continue
+    return params
+
+
+def check_complete(names: set[str], params: dict[str, torch.nn.Parameter], field: str) -> None:
+    """A full (non-partial) update must cover every parameter at least once."""
+    covered = {id(params[n]) for n in names}
+    missing = sorted(n for n, p in params.items() if id(p) not in covered)
+    if missing:
+        raise InvalidArgument(
+            field,
+            f"{len(missing)} parameters missing (e.g. {missing[0]}); set partial for a subset",
+        )
+
+
+class StreamAssembler:
+    """Collects one UpdateWeights stream: a header, chunks in order, a commit."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], serving_version: int) -> None:
+        self.params = params
+        self.serving_version = serving_version
+        self.header: generation_pb2.WeightsHeader | None = None
+        self.buffers: dict[str, bytearray] = {}
+        self.received: dict[str, int] = {}
+        self.specs: dict[str, generation_pb2.TensorSpec] = {}
+        self.total = 0
+
+    def add(self, index: int, part: generation_pb2.UpdateWeightsRequest) -> dict | None:
+        """Takes message ``index``; returns the tensors on commit, else None."""
+        kind = part.WhichOneof("part")
+        if kind == "header":
+            if index != 0:
+                raise InvalidArgument(f"messages[{index}].header", "only the first message")
+            self._header(part.header)
+        elif self.header is None:
+            raise InvalidArgument(f"messages[{index}]", "the first message must be the header")
+        elif kind == "chunk":
+            self._chunk(index, part.chunk)
+        elif kind == "commit":
+            return self._commit(part.commit)
+        else:
+            raise InvalidArgument(f"messages[{index}]", "one of header, chunk, commit must be set")
+        return None
+
+    def _header(self, header: generation_pb2.WeightsHeader) -> None:
+        if header.version <= self.serving_version:
+            raise InvalidArgument(
+                "header.version",
+                f"{header.version} must be greater than the serving version {self.serving_version}",
+            )
+        if not header.tensors:
+            raise InvalidArgument("header.tensors", "must not be empty")
+        for i, spec in enumerate(header.tensors):
+            field = f"header.tensors[{i}]"
+            if spec.name in self.specs:
+                raise InvalidArgument(f"{field}.name", f"{spec.name!r} is listed twice")
+            if spec.name not in self.params:
+                raise InvalidArgument(f"{field}.name", f"{spec.name!r} is not a model parameter")
+            if spec.dtype not in TORCH_DTYPES:
+                raise InvalidArgument(f"{field}.dtype", "must be FLOAT32, FLOAT16 or BFLOAT16")
+            expected = tuple(self.params[spec.name].shape)
+            if tuple(spec.shape) != expected:
+                raise InvalidArgument(
+                    f"{field}.shape", f"{list(spec.shape)} does not match {list(expected)}"
+                )
+            size = TORCH_DTYPES[spec.dtype].itemsize * self.params[spec.name].numel()
+            self.specs[spec.name] = spec
+            self.buffers[spec.name] = bytearray(size)
+            self.received[spec.name] = 0
+        if not header.partial:
+            check_complete(set(self.specs), self.params, "header.tensors")
+        self.header = header
+
+    def _chunk(self, index: int, chunk: generation_pb2.TensorChunk) -> None:
+        field = f"messages[{index}].chunk"
+        if chunk.name not in self.buffers:
+            raise InvalidArgument(f"{field}.name", f"{chunk.name!r} is not in the header")
+        if len(chunk.data) > MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"{field}.data", f"{len(chunk.data)} bytes, limit 4 MiB")
+        buffer, offset = self.buffers[chunk.name], self.received[chunk.name]
+        if chunk.offset != offset:
+            raise InvalidArgument(f"{field}.offset", f"{chunk.offset}, expected {offset}")
+        if offset + len(chunk.data) > len(buffer):
+            raise InvalidArgument(
+                f"{field}.data", f"runs past the end of {chunk.name!r} ({len(buffer)} bytes)"
+            )
+        buffer[offset : offset + len(chunk.data)] = chunk.data
+        self.received[chunk.name] = offset + len(chunk.data)
+        self.total += len(chunk.data)
+
+    def _commit(self, commit: generation_pb2.WeightsCommit) -> dict[str, torch.Tensor]:
+        for name, buffer in self.buffers.items():
+            if self.received[name] != len(buffer):
+                raise InvalidArgument(
+                    "commit", f"{name!r} has {self.received[name]} of {len(buffer)} bytes"
+                )
+        if commit.total_bytes != self.total:
+            raise InvalidArgument(
+                "commit.total_bytes", f"{commit.total_bytes}, but {self.total} bytes arrived"
+            )
+        return {
+            name: torch.frombuffer(self.buffers[name], dtype=TORCH_DTYPES[spec.dtype]).reshape(
+                tuple(spec.shape)
+            )
+            for name, spec in self.specs.items()
+        }
+
+
+def read_directory(
+    path: str, params: dict[str, torch.nn.Parameter], partial: bool
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Reads every ``*.safetensors`` file of a directory; returns the tensors and their bytes."""
+    directory = Path(path)
+    if not path or not directory.is_dir():
+        raise InvalidArgument("path", f"{path!r} is not a directory the server can read")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InvalidArgument("path", f"{path!r} holds no *.safetensors file")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name not in params:
+                    raise InvalidArgument("path", f"{file.name}: {name!r} is not a model parameter")
+                tensor = reader.get_tensor(name)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise InvalidArgument(
+                        "path",
+                        f"{file.name}: {name!r} has shape {list(tensor.shape)}, "
+                        f"expected {list(params[name].shape)}",
+                    )
+                tensors[name] = tensor
+    if not partial:
+        check_complete(set(tensors), params, "path")
+    return tensors, sum(t.numel() * t.element_size() for t in tensors.values())
