@@ -40,7 +40,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
-    text: str = ""
+    text: str | None = None  # set when a stop string cut it
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class HFEngine:
     def _outputs(self, rows: list[Row], count: int, sampling: Sampling) -> list[list[Output]]:
         results: list[list[Output]] = [[] for _ in range(count)]
         for row in rows:
-            if not row.text:
+            if row.text is None:
                 row.text = self.tokenizer.decode(
                     row.tokens, skip_special_tokens=sampling.skip_special_tokens
                 )
