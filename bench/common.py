@@ -91,7 +91,7 @@ def report(
     """Prints a table of measurements and the ratios, and appends them as JSON to ``out``."""
     print(f"\n== {name}")
     for label, value, unit in rows:
-        print(f"  {label:<58} {value:>12.1f} {unit}")
+        print(f"  {label:<58} {value:>12.2f} {unit}")
     for label, value in ratios.items():
         print(f"  ratio {label:<52} {value:>12.3f}")
     if out is not None:

@@ -87,15 +87,16 @@ class HFEngine:
             for _ in range(sampling.max_new_tokens):
                 out = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=past, use_cache=True,
+                    past_key_values=past, use_cache=True, logits_to_keep=1,
                 )  # fmt: skip
                 past = out.past_key_values
                 tokens, logprobs = choose(out.logits[:, -1].float(), sampling, generators)
-                for b, row in enumerate(rows):
+                step = zip(rows, tokens.tolist(), logprobs.tolist(), strict=True)
+                for b, (row, token, logprob) in enumerate(step):
                     if row.finish is None:
-                        self._append(row, int(tokens[b]), float(logprobs[b]), sampling, stops)
+                        self._append(row, token, logprob, sampling, stops)
                         if on_step is not None:
-                            on_step(b, int(tokens[b]), float(logprobs[b]))
+                            on_step(b, token, logprob)
                 if all(r.finish is not None for r in rows):
                     break
                 ids = tokens[:, None]  # (B, 1)

@@ -120,7 +120,6 @@ def choose(
         logprobs: (B,) float32 log softmax(logits / T)[token] (T = 1 when greedy).
     """
     scaled = logits if sampling.greedy else logits / sampling.temperature  # (B, V)
-    logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if sampling.greedy:
         tokens = logits.argmax(dim=-1)
     else:
@@ -129,7 +128,8 @@ def choose(
         tokens = torch.stack(
             [torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)]
         )
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    picked = scaled.gather(-1, tokens[:, None])[:, 0]  # (B,)
+    return tokens, picked - torch.logsumexp(scaled, dim=-1)
 
 
 def _filter(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
