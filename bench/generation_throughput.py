@@ -1,12 +1,14 @@
 """Generation throughput: the service vs the same engine in-process, same model and prompts.
 
-The peer is transformers ``model.generate`` in-process (greedy, exactly 64 new tokens, the
-prompts left-padded); the service runs the ``hf`` engine behind gRPC with the same prompts as
-token ids and ``ignore_eos``. Batches of 8 and 32; the runs take turns, best of each; prints
-generated tokens/s and the ratios (target >= 0.95 each).
+The peer is the engine in-process — transformers ``model.generate`` for ``--engine hf``,
+``vllm.LLM.generate`` for ``--engine vllm`` — greedy, exactly 64 new tokens; the service runs
+the same engine behind gRPC with the same prompts as token ids and ``ignore_eos``. With
+``--engine vllm`` the hf in-process peer runs too, for the vllm-service / hf ratio. Batches of
+8 and 32; the runs take turns, best of each; prints generated tokens/s and the ratios
+(target >= 0.95 against the same engine).
 
-    python bench/generation_throughput.py               # SmolLM2-135M (prepared bundled model)
-    python bench/generation_throughput.py --batches 8 --model PATH
+    python bench/generation_throughput.py               # hf, SmolLM2-135M (prepared model)
+    .venv-vllm/bin/python bench/generation_throughput.py --engine vllm
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def in_process(loaded, prompts: list[list[int]]):
     return run
 
 
+def vllm_in_process(path: Path, prompts: list[list[int]]):
+    """``vllm.LLM.generate`` in this process, greedy, exactly NEW_TOKENS tokens."""
+    from alignd_server.generation.config import vllm_environment
+
+    vllm_environment()
+    import vllm
+
+    llm = vllm.LLM(model=str(path), dtype="float32", max_model_len=2048, enforce_eager=True)
+    params = vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    return lambda: llm.generate(inputs, params, use_tqdm=False)
+
+
 def served(client: GenerationClient, prompts: list[list[int]]):
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     return lambda: client.generate(prompts, params)
@@ -68,6 +83,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m", help="bundled name or directory")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     path = resolve_model(args.model)
