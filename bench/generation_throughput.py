@@ -88,23 +88,37 @@ def main() -> int:
     args = parser.parse_args()
     path = resolve_model(args.model)
     loaded = load_causal_lm(path)
-    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING"]
+    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING",
+             "--engine", args.engine]  # fmt: skip
     rows, ratios = [], {}
     with LocalService("generation", flags) as service, GenerationClient(service.target) as client:
         for batch in args.batches:
             prompts = prompts_for(loaded.tokenizer, batch)
-            best = interleaved(
-                args.repeats,
-                {"peer": in_process(loaded, prompts), "service": served(client, prompts)},
-            )
+            runs = {"hf": in_process(loaded, prompts), "service": served(client, prompts)}
+            if args.engine == "vllm":
+                runs["vllm"] = vllm_in_process(path, prompts)
+            best = interleaved(args.repeats, runs)
             tokens = batch * NEW_TOKENS
-            rows += [
-                (f"in-process model.generate, batch {batch}", tokens / best["peer"], "tok/s"),
-                (f"service (hf engine), batch {batch}", tokens / best["service"], "tok/s"),
-            ]
-            ratios[f"service / in-process, batch {batch} (target >= 0.95)"] = (
-                best["peer"] / best["service"]
+            peer = best[args.engine]
+            rows.append((f"in-process model.generate, batch {batch}", tokens / best["hf"], "tok/s"))
+            if args.engine == "vllm":
+                rows.append(
+                    (f"in-process vllm.LLM.generate, batch {batch}", tokens / peer, "tok/s")
+                )
+            rows.append(
+                (
+                    f"service ({args.engine} engine), batch {batch}",
+                    tokens / best["service"],
+                    "tok/s",
+                )
             )
+            ratios[f"service / in-process {args.engine}, batch {batch} (target >= 0.95)"] = (
+                peer / best["service"]
+            )
+            if args.engine == "vllm":
+                ratios[f"vllm service / hf in-process, batch {batch}"] = (
+                    best["hf"] / best["service"]
+                )
     report(f"generation throughput ({path.name}, {NEW_TOKENS} new tokens)", rows, ratios, args.out)
     return 0
 
