@@ -226,3 +226,40 @@ def test_bad_requests_are_invalid_arguments_naming_the_field(server, params, pro
     with GenerationClient(server.target) as client:
         with pytest.raises(InvalidArgumentError, match=message):
             client.generate(prompts, params)
+
+
+def test_generation_metrics_are_exported(server):
+    import urllib.request
+
+    with GenerationClient(server.target) as client:
+        client.generate(CHATS[:2], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))
+        client.update_weights({"model.norm.weight": np.ones(64, np.float32)}, 3, partial=True)
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    page = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert "alignd_generated_tokens_total 10.0" in page
+    assert "alignd_generation_batch_size_count 1.0" in page
+    assert "alignd_time_to_first_token_seconds_count 1.0" in page
+    assert "alignd_weights_version 3.0" in page
+    assert "alignd_weight_update_bytes_total 256.0" in page
+
+
+def test_async_generation_client(server):
+    import asyncio
+
+    from alignd import AsyncGenerationClient
+
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+
+    async def main():
+        async with AsyncGenerationClient(server.target) as client:
+            results = await client.generate(CHATS[:1], params)
+            streamed = [m async for m in client.stream(CHATS[0], params)]
+            update = await client.update_weights(
+                {"model.norm.weight": np.ones(64, np.float32)}, 1, partial=True
+            )
+            return results, streamed, update
+
+    results, streamed, update = asyncio.run(main())
+    tokens = [int(t) for m in streamed for t in np.frombuffer(m.token_ids.data, "<i4")]
+    assert tokens == results[0][0].token_ids.tolist()
+    assert update.version == 1
