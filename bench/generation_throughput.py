@@ -68,7 +68,8 @@ def vllm_in_process(path: Path, prompts: list[list[int]]):
     import vllm
 
     llm = vllm.LLM(model=str(path), dtype="float32", max_model_len=2048, enforce_eager=True)
-    params = vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    # The same work as the service: it returns the sampled tokens' log-probs too.
+    params = vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     return lambda: llm.generate(inputs, params, use_tqdm=False)
 
