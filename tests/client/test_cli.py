@@ -74,3 +74,25 @@ def test_serve_on_a_port_in_use_fails_with_a_clear_message(tiny_models):
         result = alignd("serve", "trainer", "--port", str(port), "--metrics-port", "-1")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_mismatched_tls_pair_names_the_files(tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    result = alignd("serve", "trainer", "--port", "0", "--metrics-port", "-1",
+                    "--tls-cert", str(cert), "--tls-key", str(key))  # fmt: skip
+    assert result.returncode == 1
+    assert f"tls_cert {cert} and tls_key {key} are not a usable" in result.stderr
+
+
+def test_serve_on_a_busy_metrics_port_names_it():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = alignd("serve", "trainer", "--port", "0", "--metrics-port", str(port))
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr

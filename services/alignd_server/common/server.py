@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -58,6 +59,15 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     """TLS (or mutual TLS with ``tls_client_ca``) credentials, or None for plaintext."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
+    try:  # grpc reports a bad pair only as "failed to bind": check it here, naming the files
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(
+            f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} are not a usable "
+            f"certificate and key pair: {err}"
+        ) from err
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
@@ -148,9 +158,14 @@ class Server:
         await server.start()
         self._server = server
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(
-                self.settings.metrics_host, self.settings.metrics_port
-            )
+            where = f"{self.settings.metrics_host}:{self.settings.metrics_port}"
+            try:
+                self.metrics_port = self.metrics.serve_http(
+                    self.settings.metrics_host, self.settings.metrics_port
+                )
+            except OSError as err:
+                await server.stop(0)
+                raise OSError(f"cannot serve metrics on {where}: {err}") from err
         log.info(
             "listening on %s:%d (%s, auth %s), metrics on %s",
             self.settings.host,
