@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from grpc import aio
 
+from alignd.tensors import from_numpy, from_ragged
 from alignd.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from alignd_server.common.holder import ModelHolder
-from alignd_server.common.info import server_info
+from alignd_server.common.batching import COMPUTE
+from alignd_server.common.errors import FailedPrecondition, InvalidArgument
+from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenize_rpc import serve_tokenize
+from alignd_server.common.validation import positive
+from alignd_server.trainer import convert
 from alignd_server.trainer.config import TrainerSettings
+from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+OUTPUTS = {
+    trainer_pb2.FORWARD_OUTPUT_LOGPROBS: "logprobs",
+    trainer_pb2.FORWARD_OUTPUT_VALUES: "values",
+    trainer_pb2.FORWARD_OUTPUT_ENTROPY: "entropy",
+    trainer_pb2.FORWARD_OUTPUT_REWARDS: "rewards",
+}
+KIND_ENUM = {v: k for k, v in convert.KINDS.items()}
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    """Holds the trainable model once Initialize loads it; the training primitives are served
-    by the training engine."""
+    """The training primitives over one model (Initialize first)."""
 
     name = SERVICE
 
     def __init__(self, settings: TrainerSettings, metrics: ServerMetrics) -> None:
         self.settings = settings
-        self.holder = ModelHolder("trainer model (call Initialize first)")
         self.started_at = time.time()
+        self.engine: TrainerEngine | None = None
 
     def register(self, server: aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self, server)
@@ -34,18 +46,83 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         """Nothing to load: the model comes with Initialize."""
 
     async def stop(self) -> None:
-        self.holder.loaded = None
+        self.engine = None
 
-    async def Tokenize(
-        self, request: common_pb2.TokenizeRequest, context
-    ) -> common_pb2.TokenizeResponse:
-        return await serve_tokenize(request, self.holder.require().tokenizer, self.settings)
+    def _engine(self) -> TrainerEngine:
+        if self.engine is None:
+            raise FailedPrecondition("no model: call Initialize first")
+        return self.engine
 
-    async def GetState(
-        self, request: trainer_pb2.GetStateRequest, context
-    ) -> trainer_pb2.TrainerState:
-        return trainer_pb2.TrainerState(initialized=self.holder.loaded is not None)
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)
 
-    async def GetInfo(self, request: common_pb2.GetInfoRequest, context) -> trainer_pb2.TrainerInfo:
-        info = server_info(SERVICE, self.settings, self.started_at, self.holder.loaded)
+    async def Initialize(self, request, context) -> trainer_pb2.InitializeResponse:
+        spec = convert.init_spec(request, self.settings)
+        self.engine = None  # the old model goes before the new one loads
+        engine = await self._run(TrainerEngine, spec, self.settings.device)
+        if request.gradient_checkpointing:
+            engine.model.gradient_checkpointing_enable()
+        self.engine = engine
+        return trainer_pb2.InitializeResponse(
+            model=model_info(engine.loaded), trainable_parameters=engine.trainable_parameters
+        )
+
+    def _batch(self, engine: TrainerEngine, message) -> convert.Batch:
+        return convert.batch(
+            message, vocab_size=engine.loaded.vocab_size, settings=self.settings,
+            classifier=engine.spec.kind == SEQUENCE_CLASSIFIER,
+        )  # fmt: skip
+
+    async def ForwardBackward(self, request, context) -> trainer_pb2.ForwardBackwardResponse:
+        engine = self._engine()
+        name, params, temperature = convert.loss(request.loss)
+        engine.check_loss(name)
+        batch = self._batch(engine, request.batch)
+        scale = positive(request, "loss_scale", default=1.0)
+        output, accumulated = await self._run(
+            engine.forward_backward, batch, name, params, scale, temperature
+        )
+        return trainer_pb2.ForwardBackwardResponse(
+            loss=float(output.loss.detach()), metrics=output.metrics, num_tokens=output.num_tokens,
+            accumulated_batches=accumulated,
+        )  # fmt: skip
+
+    async def OptimStep(self, request, context) -> trainer_pb2.OptimStepResponse:
+        norm, lr, step = await self._run(self._engine().optim_step)
+        return trainer_pb2.OptimStepResponse(grad_norm=norm, learning_rate=lr, step=step)
+
+    async def Forward(self, request, context) -> trainer_pb2.ForwardResponse:
+        engine = self._engine()
+        if not request.outputs:
+            raise InvalidArgument("outputs", "ask for at least one output")
+        if any(o not in OUTPUTS for o in request.outputs):
+            raise InvalidArgument("outputs", "unknown output")
+        outputs = {OUTPUTS[o] for o in request.outputs}
+        temperature = positive(request, "temperature", default=1.0)
+        batch = self._batch(engine, request.batch)
+        result = await self._run(engine.forward, batch, outputs, temperature)
+        response = trainer_pb2.ForwardResponse()
+        for name, rows in result.items():
+            if name == "rewards":
+                response.rewards.CopyFrom(from_numpy(rows.astype("float32")))
+            else:
+                getattr(response, name).CopyFrom(from_ragged(rows, common_pb2.DTYPE_FLOAT32))
+        return response
+
+    async def Tokenize(self, request, context) -> common_pb2.TokenizeResponse:
+        return await serve_tokenize(request, self._engine().loaded.tokenizer, self.settings)
+
+    async def GetState(self, request, context) -> trainer_pb2.TrainerState:
+        engine = self.engine
+        if engine is None:
+            return trainer_pb2.TrainerState(initialized=False)
+        return trainer_pb2.TrainerState(
+            initialized=True, kind=KIND_ENUM[engine.spec.kind], step=engine.step,
+            accumulated_batches=engine.accumulated, learning_rate=engine.learning_rate,
+            trainable_parameters=engine.trainable_parameters,
+        )  # fmt: skip
+
+    async def GetInfo(self, request, context) -> trainer_pb2.TrainerInfo:
+        loaded = self.engine.loaded if self.engine is not None else None
+        info = server_info(SERVICE, self.settings, self.started_at, loaded)
         return trainer_pb2.TrainerInfo(server=info, world_size=1)

@@ -1,0 +1,222 @@
+"""The training engine: one model, its optimizer and schedule, and the primitives on them.
+
+Every call runs on the process's compute thread, one at a time. Forward passes use the model
+in eval mode with gradients on (dropout off: a step is a deterministic function of the batch,
+which makes gradient accumulation exactly equal to one large batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from alignd_server.common.errors import FailedPrecondition, InvalidArgument
+from alignd_server.common.forward import pad_right, sequence_scores
+from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
+from alignd_server.trainer.forward import token_stats
+from alignd_server.trainer.losses import LOSSES, LossInputs, LossOutput
+
+CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_CLASSIFIER = (
+    "causal_lm",
+    "causal_lm_value",
+    "sequence_classifier",
+)
+TOKEN_LOSSES = {"cross_entropy", "dpo", "kto", "ppo", "policy_gradient"}
+
+
+@dataclass
+class InitSpec:
+    """What Initialize asks for (validated by the servicer)."""
+
+    path: str
+    kind: str
+    dtype: str = "float32"
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Batch:
+    """Decoded batch: token rows, prompt lengths and named inputs (numpy)."""
+
+    rows: list[np.ndarray]
+    prompts: np.ndarray  # (B,)
+    completion_mask: list[np.ndarray] | None = None
+    token_inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    sequence_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def schedule_factor(spec: InitSpec, step: int) -> float:
+    """lr / peak lr after ``step`` optimizer steps: linear warmup, then the decay shape."""
+    if step < spec.warmup_steps:
+        return (step + 1) / (spec.warmup_steps + 1)
+    if spec.schedule == "constant":
+        return 1.0
+    span = max(spec.total_steps - spec.warmup_steps, 1)
+    progress = min((step - spec.warmup_steps) / span, 1.0)
+    shape = (
+        1.0 - progress if spec.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    )
+    return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * shape
+
+
+class TrainerEngine:
+    """A loaded model with AdamW, a schedule and accumulated gradients."""
+
+    def __init__(self, spec: InitSpec, device: str = "cpu") -> None:
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.device = device
+        if spec.kind == SEQUENCE_CLASSIFIER:
+            self.loaded: LoadedModel = load_sequence_classifier(
+                spec.path, dtype=spec.dtype, device=device
+            )
+        else:
+            self.loaded = load_causal_lm(spec.path, dtype=spec.dtype, device=device)
+        self.model = self.loaded.model
+        self.value_head: torch.nn.Linear | None = None
+        if spec.kind == CAUSAL_LM_VALUE:
+            hidden = self.model.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1).to(device=device, dtype=self.model.dtype)
+            torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+            torch.nn.init.zeros_(self.value_head.bias)
+        self.parameters = [p for p in self._modules_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps,
+            weight_decay=spec.weight_decay,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: schedule_factor(spec, step)
+        )
+        self.step = 0
+        self.accumulated = 0
+
+    def _modules_parameters(self):
+        yield from self.model.parameters()
+        if self.value_head is not None:
+            yield from self.value_head.parameters()
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _inputs(self, batch: Batch, loss: str | None, temperature: float, grad: bool) -> LossInputs:
+        ids, mask, lengths = pad_right(batch.rows, self.loaded.tokenizer.pad_token_id, self.device)
+        prompts = torch.as_tensor(batch.prompts, device=self.device)
+        with torch.set_grad_enabled(grad):
+            if self.spec.kind == SEQUENCE_CLASSIFIER:
+                rewards = sequence_scores(self.model, ids, mask, lengths)
+                return LossInputs(None, None, rewards=rewards,
+                                  sequence_inputs=_sequence(batch, self.device))  # fmt: skip
+            stats = token_stats(
+                self.model, ids, mask, lengths, prompts, temperature=temperature,
+                entropy=loss in ("ppo", None), mean_logprobs=loss == "cross_entropy",
+                hidden=self.value_head is not None,
+            )  # fmt: skip
+        token_mask = stats.mask
+        if batch.completion_mask is not None:
+            token_mask = token_mask * _pad(batch.completion_mask, stats.mask.shape, self.device)
+        values = None
+        if self.value_head is not None:
+            with torch.set_grad_enabled(grad):
+                values = self.value_head(stats.hidden)[..., 0].float() * stats.mask
+        return LossInputs(
+            stats.logprobs, token_mask, values=values, entropy=stats.entropy,
+            mean_logprobs=stats.mean_logprobs,
+            token_inputs={k: _pad(v, stats.mask.shape, self.device)
+                          for k, v in batch.token_inputs.items()},
+            sequence_inputs=_sequence(batch, self.device),
+        )  # fmt: skip
+
+    def check_loss(self, loss: str) -> None:
+        """The model kind must be able to compute ``loss``."""
+        if loss == "bradley_terry" and self.spec.kind != SEQUENCE_CLASSIFIER:
+            raise InvalidArgument(
+                "loss", f"bradley_terry needs a sequence_classifier, not {self.spec.kind}"
+            )
+        if loss in TOKEN_LOSSES and self.spec.kind == SEQUENCE_CLASSIFIER:
+            raise InvalidArgument("loss", f"{loss} needs a causal LM, not a sequence_classifier")
+        if loss == "ppo" and self.spec.kind != CAUSAL_LM_VALUE:
+            raise InvalidArgument("loss", "ppo needs a causal_lm_value model (policy + value head)")
+
+    def forward_backward(
+        self, batch: Batch, loss: str, params: dict, scale: float, temperature: float
+    ) -> tuple[LossOutput, int]:
+        """Computes ``loss`` on ``batch`` and accumulates its gradients."""
+        self.check_loss(loss)
+        inputs = self._inputs(batch, loss, temperature, grad=True)
+        output = LOSSES[loss](inputs, **params)
+        if not torch.isfinite(output.loss):
+            raise InvalidArgument(
+                "batch", f"the {loss} loss is {float(output.loss)}; no gradient kept"
+            )
+        (output.loss * scale).backward()
+        self.accumulated += 1
+        return output, self.accumulated
+
+    def optim_step(self) -> tuple[float, float, int]:
+        """Clips, steps, schedules and zeroes; returns (grad norm, lr used, step)."""
+        if self.accumulated == 0:
+            raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
+        limit = self.spec.max_grad_norm or float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
+        lr = self.learning_rate
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.accumulated = 0
+        return norm, lr, self.step
+
+    def forward(self, batch: Batch, outputs: set[str], temperature: float) -> dict[str, list]:
+        """No-grad outputs: per-token logprobs/values/entropy rows, or (B,) rewards."""
+        if "rewards" in outputs and self.spec.kind != SEQUENCE_CLASSIFIER:
+            raise InvalidArgument("outputs", "rewards need a sequence_classifier model")
+        if outputs - {"rewards"} and self.spec.kind == SEQUENCE_CLASSIFIER:
+            raise InvalidArgument("outputs", "a sequence_classifier has only rewards")
+        if "values" in outputs and self.value_head is None:
+            raise InvalidArgument("outputs", "values need a causal_lm_value model")
+        inputs = self._inputs(batch, None, temperature, grad=False)
+        if self.spec.kind == SEQUENCE_CLASSIFIER:
+            return {"rewards": inputs.rewards.detach().cpu().numpy()}
+        lengths = (
+            inputs.mask.sum(-1).long().tolist()
+            if batch.completion_mask is None
+            else [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]
+        )
+        result = {}
+        for name, tensor in (("logprobs", inputs.logprobs), ("values", inputs.values),
+                             ("entropy", inputs.entropy)):  # fmt: skip
+            if name in outputs:
+                array = tensor.detach().float().cpu().numpy()
+                result[name] = [array[b, :n] for b, n in enumerate(lengths)]
+        return result
+
+
+def _pad(rows: list[np.ndarray], shape: torch.Size, device: str) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.float32), device=device)
+    return out
+
+
+def _sequence(batch: Batch, device: str) -> dict[str, torch.Tensor]:
+    return {
+        k: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
+        for k, v in batch.sequence_inputs.items()
+    }

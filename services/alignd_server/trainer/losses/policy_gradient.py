@@ -1,0 +1,107 @@
+"""Critic-free policy gradient for GRPO, RLOO and REINFORCE++, with optional clipping and a
+k3 KL penalty.
+
+Per counted token, with A the advantage (estimated outside the loss: group-normalised for GRPO,
+leave-one-out for RLOO, batch-normalised for REINFORCE++) and r the probability ratio:
+
+    r   = exp(log π − log π_old)       with ``old_logprobs``;
+          exp(log π − sg(log π))        without (value 1, gradient ∇log π: plain REINFORCE)
+    L   = −A·r                          or, with clip range ε,
+          max(−A·r, −A·clip(r, 1−ε, 1+ε))           (Schulman et al. 2017)
+    k3  = exp(ref − log π) − (ref − log π) − 1       (Schulman 2020, "Approximating KL
+                                                       Divergence"; Shao et al. 2024, GRPO)
+    ℓ   = L + β·k3
+
+reduced by ``token_mean`` (the mean of ℓ over every counted token of the batch) or by
+``sequence_mean`` (the mean over rows of each row's mean, as in Shao et al. 2024,
+"DeepSeekMath"; rows without counted tokens are left out).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from alignd_server.trainer.losses.base import (
+    LossInputs,
+    LossOutput,
+    masked_mean,
+    require_policy,
+    require_token_input,
+    token_count,
+)
+
+Aggregation = Literal["token_mean", "sequence_mean"]
+
+
+def policy_gradient(
+    inputs: LossInputs,
+    clip_range: float | None = None,
+    kl_coef: float = 0.0,
+    aggregation: Aggregation = "token_mean",
+) -> LossOutput:
+    """The (optionally clipped) policy-gradient loss plus β·k3, reduced by ``aggregation``.
+
+    Args:
+        inputs: needs ``logprobs``, ``mask`` and ``token_inputs["advantages"]`` (B, T);
+            optional ``token_inputs["old_logprobs"]``; ``token_inputs["ref_logprobs"]`` when
+            ``kl_coef > 0`` (if given with ``kl_coef == 0`` it is only logged).
+        clip_range: ε; ``None`` leaves the ratio unclipped.
+        kl_coef: β, the weight of the k3 penalty.
+        aggregation: ``token_mean`` or ``sequence_mean``.
+
+    Returns:
+        The loss; metrics ``policy_loss`` (the reduced L, without the penalty), ``kl`` (the
+        token mean of k3, when ``ref_logprobs`` is given) and ``clip_fraction`` (fraction of
+        tokens with |r − 1| > ε, when clipping).
+
+    Raises:
+        LossError: a needed input is missing or malformed, or advantages are not finite.
+        ValueError: an unknown aggregation.
+    """
+    if aggregation not in ("token_mean", "sequence_mean"):
+        raise ValueError(f"aggregation must be token_mean or sequence_mean, got {aggregation!r}")
+    logprobs, mask = require_policy(inputs)  # (B, T), (B, T)
+    advantages = require_token_input(inputs, "advantages", mask, finite=True)  # (B, T)
+    if "old_logprobs" in inputs.token_inputs:
+        old_logprobs = require_token_input(inputs, "old_logprobs", mask)  # (B, T)
+    else:
+        old_logprobs = logprobs.detach()
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+
+    pg_losses = -advantages * ratio  # (B, T)
+    if clip_range is not None:
+        clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # (B, T)
+        pg_losses = torch.max(pg_losses, -advantages * clipped)
+    per_token = pg_losses  # (B, T)
+
+    k3 = None
+    if kl_coef > 0 or "ref_logprobs" in inputs.token_inputs:
+        ref_logprobs = require_token_input(inputs, "ref_logprobs", mask)  # (B, T)
+        log_ratio = ref_logprobs - logprobs  # (B, T)
+        k3 = torch.exp(log_ratio) - log_ratio - 1  # (B, T)
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * k3
+
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        metrics["policy_loss"] = float(_reduce(pg_losses, mask, aggregation))
+        if k3 is not None:
+            metrics["kl"] = float(masked_mean(k3, mask))
+        if clip_range is not None:
+            clipped_tokens = ((ratio - 1).abs() > clip_range).to(ratio)
+            metrics["clip_fraction"] = float(masked_mean(clipped_tokens, mask))
+    return LossOutput(
+        loss=_reduce(per_token, mask, aggregation),
+        metrics=metrics,
+        num_tokens=token_count(mask),
+    )
+
+
+def _reduce(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Scalar ``token_mean`` or ``sequence_mean`` of (B, T) ``x`` over the counted tokens."""
+    if aggregation == "token_mean":
+        return masked_mean(x, mask)
+    rows = mask.bool().any(-1)  # (B,)
+    return masked_mean(x, mask, dim=-1)[rows].mean()

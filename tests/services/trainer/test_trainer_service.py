@@ -1,0 +1,196 @@
+"""TrainerService primitives over a real loopback server (tiny models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignd import ReferenceClient, TrainerClient
+from alignd.errors import FailedPreconditionError, InvalidArgumentError
+from alignd.tensors import from_numpy, from_ragged, to_ragged
+from alignd.v1 import common_pb2, trainer_pb2
+from alignd_server.common.models import load_causal_lm
+
+F32, I32 = common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_INT32
+ROWS = [np.array([5, 6, 7, 8, 9, 10], np.int32), np.array([11, 12, 13, 14, 15, 16], np.int32)]
+PROMPTS = [2, 3]
+SFT = trainer_pb2.Loss(cross_entropy=trainer_pb2.CrossEntropyLoss())
+
+
+def batch(rows=ROWS, prompts=PROMPTS, **fields) -> trainer_pb2.Batch:
+    return trainer_pb2.Batch(input_ids=from_ragged(rows, I32), prompt_lengths=prompts, **fields)
+
+
+def initialize(client, path, kind=trainer_pb2.MODEL_KIND_CAUSAL_LM, lr=1e-2):
+    request = trainer_pb2.InitializeRequest(
+        model_path=str(path), kind=kind, optimizer=trainer_pb2.AdamWConfig(lr=lr), seed=1
+    )
+    return client._call("Initialize", request)
+
+
+def nll(path, rows, prompts) -> float:
+    """Token-mean NLL of the completions under the model, written out."""
+    model = load_causal_lm(path).model
+    total, count = 0.0, 0
+    for row, p in zip(rows, prompts, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor(row[None].tolist())).logits[0].double()
+        logprobs = torch.log_softmax(logits, -1)
+        for t in range(p, len(row)):
+            total -= float(logprobs[t - 1, row[t]])
+            count += 1
+    return total / count
+
+
+def test_primitives_need_initialize_first(serve):
+    with TrainerClient(serve("trainer").target) as client:
+        assert client.state().initialized is False
+        with pytest.raises(FailedPreconditionError, match="Initialize"):
+            client._call(
+                "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=batch(), loss=SFT)
+            )
+        with pytest.raises(FailedPreconditionError):
+            client._call("OptimStep", trainer_pb2.OptimStepRequest())
+
+
+def test_cross_entropy_step_matches_the_formula_and_learns(serve, tiny_models):
+    with TrainerClient(serve("trainer").target) as client:
+        response = initialize(client, tiny_models.causal_lm)
+        assert response.trainable_parameters > 0
+        first = client._call(
+            "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=batch(), loss=SFT)
+        )
+        assert first.loss == pytest.approx(nll(tiny_models.causal_lm, ROWS, PROMPTS), abs=1e-5)
+        assert (first.num_tokens, first.accumulated_batches) == (7, 1)
+        step = client._call("OptimStep", trainer_pb2.OptimStepRequest())
+        assert (step.step, step.learning_rate) == (1, pytest.approx(1e-2))
+        assert step.grad_norm > 0
+        for _ in range(5):
+            client._call(
+                "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=batch(), loss=SFT)
+            )
+            client._call("OptimStep", trainer_pb2.OptimStepRequest())
+        last = client._call(
+            "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=batch(), loss=SFT)
+        )
+        assert last.loss < first.loss - 0.5
+        state = client.state()
+        assert (state.initialized, state.step, state.accumulated_batches) == (True, 6, 1)
+
+
+def params_after(client, path, requests) -> dict[str, np.ndarray]:
+    initialize(client, path)
+    for request in requests:
+        client._call("ForwardBackward", request)
+    client._call("OptimStep", trainer_pb2.OptimStepRequest())
+    probe = client._call(
+        "Forward",
+        trainer_pb2.ForwardRequest(batch=batch(), outputs=[trainer_pb2.FORWARD_OUTPUT_LOGPROBS]),
+    )
+    return [r.copy() for r in to_ragged(probe.logprobs)]
+
+
+def test_accumulating_two_halves_equals_one_full_batch(serve, tiny_models):
+    prompts = [2, 2]  # equal token counts: the mean of the half means is the full mean
+    full = trainer_pb2.ForwardBackwardRequest(batch=batch(prompts=prompts), loss=SFT)
+    halves = [
+        trainer_pb2.ForwardBackwardRequest(batch=batch([r], [2]), loss=SFT, loss_scale=0.5)
+        for r in ROWS
+    ]
+    with TrainerClient(serve("trainer").target) as client:
+        one = params_after(client, tiny_models.causal_lm, [full])
+        two = params_after(client, tiny_models.causal_lm, halves)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_forward_logprobs_equal_the_reference_service(serve, tiny_models):
+    with TrainerClient(serve("trainer").target) as trainer:
+        initialize(trainer, tiny_models.causal_lm)
+        outputs = [trainer_pb2.FORWARD_OUTPUT_LOGPROBS, trainer_pb2.FORWARD_OUTPUT_ENTROPY]
+        got = trainer._call("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=outputs))
+    with ReferenceClient(serve("reference").target) as reference:
+        expected = reference.logprobs(ROWS, PROMPTS)
+    for a, b in zip(to_ragged(got.logprobs), expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert all((e > 0).all() for e in to_ragged(got.entropy))
+
+
+def test_reward_model_bradley_terry(serve, tiny_models):
+    loss = trainer_pb2.Loss(bradley_terry=trainer_pb2.BradleyTerryLoss())
+    pairs = batch([ROWS[0], ROWS[1]], [0, 0])
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.classifier, trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER)
+        rewards = client._call(
+            "Forward",
+            trainer_pb2.ForwardRequest(batch=pairs, outputs=[trainer_pb2.FORWARD_OUTPUT_REWARDS]),
+        )
+        r = np.frombuffer(rewards.rewards.data, "<f4")
+        response = client._call(
+            "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=pairs, loss=loss)
+        )
+    assert response.loss == pytest.approx(float(np.log1p(np.exp(-(r[0] - r[1])))), abs=1e-5)
+    assert response.metrics["accuracy"] == float(r[0] > r[1])
+
+
+BT = trainer_pb2.Loss(bradley_terry=trainer_pb2.BradleyTerryLoss())
+DPO = trainer_pb2.Loss(dpo=trainer_pb2.DpoLoss())
+PG = trainer_pb2.Loss(policy_gradient=trainer_pb2.PolicyGradientLoss())
+NAN_ADVANTAGES = {
+    "advantages": from_ragged([np.full(4, np.nan, np.float32), np.zeros(3, np.float32)], F32)
+}
+SHORT_ADVANTAGES = {"advantages": from_ragged([np.zeros(2, np.float32)] * 2, F32)}
+MATRIX = {"ref_logps": from_numpy(np.zeros((2, 2), np.float32))}
+FB = trainer_pb2.ForwardBackwardRequest
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (FB(batch=batch(), loss=BT), r"loss: bradley_terry needs a sequence_classifier"),
+        (FB(batch=batch(), loss=DPO), r"ref_logps"),
+        (FB(batch=batch(), loss=trainer_pb2.Loss()), r"loss: one loss"),
+        (FB(batch=batch(token_inputs=NAN_ADVANTAGES), loss=PG),
+         r'batch\.token_inputs\["advantages"\]: must be finite'),
+        (FB(batch=batch(token_inputs=SHORT_ADVANTAGES), loss=PG),
+         r"row lengths \[2, 2\] must equal the completion lengths \[4, 3\]"),
+        (FB(batch=batch(prompts=[6, 3]), loss=SFT),
+         r"batch\.prompt_lengths\[0\]: 6 must be in \[1, 5\]"),
+        (FB(batch=batch(sequence_inputs=MATRIX), loss=SFT),
+         r'batch\.sequence_inputs\["ref_logps"\]: must be a finite 1-D tensor'),
+    ],
+)  # fmt: skip
+def test_bad_batches_and_losses_are_invalid_arguments(serve, tiny_models, request_, message):
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.causal_lm)
+        with pytest.raises(InvalidArgumentError, match=message):
+            client._call("ForwardBackward", request_)
+        assert client.state().accumulated_batches == 0  # nothing accumulated
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": 0}, "kind: must be"),
+        ({"optimizer": trainer_pb2.AdamWConfig(lr=0.0)}, r"optimizer\.lr: must be > 0"),
+        ({"optimizer": trainer_pb2.AdamWConfig(beta1=1.0)}, r"optimizer\.beta1: 1\.0 is outside"),
+        ({"schedule": trainer_pb2.ScheduleConfig(kind=trainer_pb2.SCHEDULE_KIND_COSINE,
+                                                 warmup_steps=5, total_steps=5)},
+         r"schedule\.total_steps: 5 must exceed warmup_steps 5"),
+        ({"model_path": "/no/such/model"}, r"model_path: "),
+        ({"dtype": "int8"}, r"dtype: 'int8'"),
+    ],
+)  # fmt: skip
+def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, fields, message):
+    request = trainer_pb2.InitializeRequest(
+        model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM
+    )
+    for key, value in fields.items():
+        if isinstance(value, (int, str)):
+            setattr(request, key, value)
+        else:
+            getattr(request, key).CopyFrom(value)
+    with TrainerClient(serve("trainer").target) as client:
+        with pytest.raises(InvalidArgumentError, match=message):
+            client._call("Initialize", request)
