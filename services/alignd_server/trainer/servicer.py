@@ -15,7 +15,7 @@ from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.common.validation import positive
-from alignd_server.trainer import convert
+from alignd_server.trainer import checkpoint, convert
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 
@@ -108,6 +108,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             else:
                 getattr(response, name).CopyFrom(from_ragged(rows, common_pb2.DTYPE_FLOAT32))
         return response
+
+    async def SaveCheckpoint(self, request, context) -> trainer_pb2.SaveCheckpointResponse:
+        engine = self._engine()
+        include = request.include_optimizer if request.HasField("include_optimizer") else True
+        size = await self._run(checkpoint.save, engine, request.path, include)
+        return trainer_pb2.SaveCheckpointResponse(path=request.path, bytes=size, step=engine.step)
+
+    async def LoadCheckpoint(self, request, context) -> trainer_pb2.LoadCheckpointResponse:
+        engine = self._engine()
+        optimizer = request.load_optimizer if request.HasField("load_optimizer") else True
+        step = await self._run(checkpoint.load, engine, request.path, optimizer)
+        return trainer_pb2.LoadCheckpointResponse(step=step)
 
     async def Tokenize(self, request, context) -> common_pb2.TokenizeResponse:
         return await serve_tokenize(request, self._engine().loaded.tokenizer, self.settings)

@@ -194,3 +194,71 @@ def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, field
     with TrainerClient(serve("trainer").target) as client:
         with pytest.raises(InvalidArgumentError, match=message):
             client._call("Initialize", request)
+
+
+def train_steps(client, count: int) -> None:
+    for _ in range(count):
+        client._call("ForwardBackward", FB(batch=batch(), loss=SFT))
+        client._call("OptimStep", trainer_pb2.OptimStepRequest())
+
+
+def logprobs_of(client) -> list[np.ndarray]:
+    outputs = [trainer_pb2.FORWARD_OUTPUT_LOGPROBS]
+    response = client._call("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=outputs))
+    return [r.copy() for r in to_ragged(response.logprobs)]
+
+
+def test_resume_from_a_checkpoint_is_exact(serve, tiny_models, tmp_path):
+    schedule = trainer_pb2.ScheduleConfig(
+        kind=trainer_pb2.SCHEDULE_KIND_COSINE, warmup_steps=1, total_steps=4
+    )
+    request = trainer_pb2.InitializeRequest(
+        model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM,
+        optimizer=trainer_pb2.AdamWConfig(lr=1e-2, weight_decay=0.01), schedule=schedule,
+        max_grad_norm=1.0, seed=3,
+    )  # fmt: skip
+    with TrainerClient(serve("trainer").target) as straight:
+        straight._call("Initialize", request)
+        train_steps(straight, 4)
+        expected = logprobs_of(straight)
+    with TrainerClient(serve("trainer").target) as first:
+        first._call("Initialize", request)
+        train_steps(first, 2)
+        saved = first._call(
+            "SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(tmp_path / "ckpt"))
+        )
+        assert saved.step == 2 and saved.bytes > 0
+    with TrainerClient(serve("trainer").target) as second:  # a new server process state
+        second._call("Initialize", request)
+        loaded = second._call(
+            "LoadCheckpoint", trainer_pb2.LoadCheckpointRequest(path=str(tmp_path / "ckpt"))
+        )
+        assert loaded.step == 2
+        train_steps(second, 2)
+        assert second.state().step == 4
+        got = logprobs_of(second)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_path):
+    path = tmp_path / "ckpt"
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.causal_lm)
+        train_steps(client, 1)
+        client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(path)))
+        trained = logprobs_of(client)
+        client._call(
+            "SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(path))
+        )  # overwrite
+    assert not list(tmp_path.glob(".ckpt.*"))  # no temporary or old copies left behind
+    with ReferenceClient(serve("reference", model=str(path)).target) as reference:
+        served = reference.logprobs(ROWS, PROMPTS)
+    for a, b in zip(served, trained, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.causal_lm)
+        with pytest.raises(InvalidArgumentError, match="is not a checkpoint directory"):
+            client._call(
+                "LoadCheckpoint", trainer_pb2.LoadCheckpointRequest(path=str(tmp_path / "none"))
+            )
