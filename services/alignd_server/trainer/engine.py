@@ -101,6 +101,7 @@ class TrainerEngine:
         )
         self.step = 0
         self.accumulated = 0
+        self.pushed_version = 0
 
     def _modules_parameters(self):
         yield from self.model.parameters()

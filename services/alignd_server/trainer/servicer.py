@@ -15,7 +15,7 @@ from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.common.validation import positive
-from alignd_server.trainer import checkpoint, convert
+from alignd_server.trainer import checkpoint, convert, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 
@@ -27,6 +27,7 @@ OUTPUTS = {
     trainer_pb2.FORWARD_OUTPUT_REWARDS: "rewards",
 }
 KIND_ENUM = {v: k for k, v in convert.KINDS.items()}
+MAX_TARGETS = 64
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -121,6 +122,31 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         step = await self._run(checkpoint.load, engine, request.path, optimizer)
         return trainer_pb2.LoadCheckpointResponse(step=step)
 
+    async def PushWeights(self, request, context) -> trainer_pb2.PushWeightsResponse:
+        engine = self._engine()
+        if engine.spec.kind == SEQUENCE_CLASSIFIER:
+            raise InvalidArgument("targets", "a sequence_classifier has no policy to push")
+        if not 1 <= len(request.targets) <= MAX_TARGETS:
+            raise InvalidArgument(
+                "targets", f"{len(request.targets)} targets, must be 1 .. {MAX_TARGETS}"
+            )
+        for i, target in enumerate(request.targets):
+            if not target.address:
+                raise InvalidArgument(f"targets[{i}].address", "must be set")
+        if request.version <= 0:
+            raise InvalidArgument("version", f"must be > 0, got {request.version}")
+        timeout = request.timeout_seconds or 300.0
+        if not timeout > 0:
+            raise InvalidArgument("timeout_seconds", f"must be > 0, got {timeout}")
+        weights = await self._run(push.policy_weights, engine.model)
+        results = await push.push(
+            weights, [t.address for t in request.targets], request.version, timeout,
+            request.shared_path, self.settings,
+        )  # fmt: skip
+        if any(r.ok for r in results):
+            engine.pushed_version = request.version
+        return trainer_pb2.PushWeightsResponse(results=results)
+
     async def Tokenize(self, request, context) -> common_pb2.TokenizeResponse:
         return await serve_tokenize(request, self._engine().loaded.tokenizer, self.settings)
 
@@ -131,7 +157,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.TrainerState(
             initialized=True, kind=KIND_ENUM[engine.spec.kind], step=engine.step,
             accumulated_batches=engine.accumulated, learning_rate=engine.learning_rate,
-            trainable_parameters=engine.trainable_parameters,
+            trainable_parameters=engine.trainable_parameters, pushed_version=engine.pushed_version,
         )  # fmt: skip
 
     async def GetInfo(self, request, context) -> trainer_pb2.TrainerInfo:

@@ -262,3 +262,45 @@ def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_pat
             client._call(
                 "LoadCheckpoint", trainer_pb2.LoadCheckpointRequest(path=str(tmp_path / "none"))
             )
+
+
+def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
+    from alignd import GenerationClient, SamplingParams
+    from alignd.local import free_port
+
+    replicas = [serve("generation"), serve("generation")]
+    dead = f"127.0.0.1:{free_port()}"
+    targets = [trainer_pb2.PushTarget(address=r.target) for r in replicas]
+    with TrainerClient(serve("trainer").target) as trainer:
+        initialize(trainer, tiny_models.causal_lm)
+        train_steps(trainer, 2)
+        trained = logprobs_of(trainer)
+        request = trainer_pb2.PushWeightsRequest(
+            targets=[*targets, trainer_pb2.PushTarget(address=dead)], version=1, timeout_seconds=20
+        )
+        results = trainer._call("PushWeights", request).results
+        assert [r.ok for r in results] == [True, True, False]
+        assert results[2].address == dead and results[2].error.startswith("UNAVAILABLE")
+        assert results[0].bytes > 0
+        by_path = trainer._call("PushWeights", trainer_pb2.PushWeightsRequest(
+            targets=targets[:1], version=2, shared_path=str(tmp_path)))  # fmt: skip
+        assert by_path.results[0].ok, by_path.results[0].error
+        assert trainer.state().pushed_version == 2
+        with pytest.raises(InvalidArgumentError, match=r"targets: 0 targets"):
+            trainer._call("PushWeights", trainer_pb2.PushWeightsRequest(version=3))
+        # What a replica now serves is what the trainer trained: its log-probs of what it
+        # generates equal the trainer's own.
+        greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+        with GenerationClient(replicas[1].target) as client:
+            assert client.info().weights_version == 1
+            (completion,) = client.generate([ROWS[0][:2]], greedy)[0]
+        sequence = np.concatenate([ROWS[0][:2], completion.token_ids]).astype(np.int32)
+        outputs = [trainer_pb2.FORWARD_OUTPUT_LOGPROBS]
+        own = trainer._call(
+            "Forward", trainer_pb2.ForwardRequest(batch=batch([sequence], [2]), outputs=outputs)
+        )
+    assert completion.weights_version == 1
+    np.testing.assert_allclose(to_ragged(own.logprobs)[0], completion.logprobs, atol=1e-5)
+    with GenerationClient(replicas[0].target) as client:
+        assert client.info().weights_version == 2
+    assert trained  # the trainer did train before pushing

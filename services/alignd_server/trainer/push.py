@@ -1,0 +1,77 @@
+"""PushWeights: the trainer's current weights to generation services, concurrently.
+
+Over the network the weights travel as the UpdateWeights stream (4 MiB chunks); with
+``shared_path`` they are written once as safetensors on a volume the targets mount, and each
+target loads them with LoadWeights. Each target has its own deadline and its own result: one
+slow or dead replica does not fail the others. A value head, if any, is not pushed (generation
+holds only the policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from alignd import AsyncGenerationClient, TLSConfig
+from alignd.errors import AligndError
+from alignd.v1 import trainer_pb2
+from alignd_server.trainer.config import TrainerSettings
+
+
+def policy_weights(model) -> dict[str, np.ndarray]:
+    """The policy's parameters as float32 numpy arrays, by name (tied weights once)."""
+    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+
+
+def _client(address: str, settings: TrainerSettings) -> AsyncGenerationClient:
+    token = None
+    if settings.push_token_file is not None:
+        token = settings.push_token_file.read_text().splitlines()[0].strip()
+    tls = TLSConfig(ca_cert=settings.push_tls_ca) if settings.push_tls_ca else None
+    return AsyncGenerationClient(address, token=token, tls=tls, retries=1)
+
+
+async def _push_one(
+    address: str, weights, version: int, timeout: float, shared: Path | None, settings
+) -> trainer_pb2.PushResult:
+    start = time.perf_counter()
+    size = sum(w.nbytes for w in weights.values())
+    try:
+        async with _client(address, settings) as client:
+            if shared is None:
+                await client.update_weights(weights, version, timeout=timeout)
+            else:
+                await client.load_weights(str(shared), version, timeout=timeout)
+        return trainer_pb2.PushResult(
+            address=address, ok=True, seconds=time.perf_counter() - start, bytes=size
+        )
+    except AligndError as err:
+        return trainer_pb2.PushResult(
+            address=address, ok=False, error=f"{err.code.name}: {err.details}",
+            seconds=time.perf_counter() - start,
+        )  # fmt: skip
+
+
+async def push(
+    weights: dict[str, np.ndarray],
+    addresses: list[str],
+    version: int,
+    timeout: float,
+    shared_path: str,
+    settings: TrainerSettings,
+) -> list[trainer_pb2.PushResult]:
+    """Pushes ``weights`` to every address concurrently; one result per address, in order."""
+    shared = None
+    if shared_path:
+        shared = Path(shared_path) / f"v{version}"
+        shared.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(save_file, weights, str(shared / "model.safetensors"))
+    return list(
+        await asyncio.gather(
+            *(_push_one(a, weights, version, timeout, shared, settings) for a in addresses)
+        )
+    )
