@@ -4,6 +4,7 @@ Typed clients of the four services, the tensor codec, and the ``alignd`` CLI. Th
 never needs torch.
 """
 
+from alignd import losses
 from alignd._version import __version__
 from alignd.channel import TLSConfig, create_aio_channel, create_channel
 from alignd.clients import (
@@ -18,6 +19,7 @@ from alignd.clients import (
     TrainerClient,
 )
 from alignd.clients.generation import Completion, SamplingParams
+from alignd.clients.trainer import TrainBatch
 from alignd.errors import AligndError
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "SamplingParams",
     "TLSConfig",
     "TokenizedSequence",
+    "TrainBatch",
     "TrainerClient",
     "__version__",
     "create_aio_channel",
     "create_channel",
+    "losses",
 ]

@@ -1,11 +1,87 @@
-"""Client of the TrainerService."""
+"""Client of the TrainerService: the training primitives."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
 from alignd.clients.tokenize import AsyncTokenizingClient, TokenizingClient
+from alignd.losses import Loss
+from alignd.tensors import from_numpy, from_ragged, to_numpy, to_ragged
 from alignd.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 SERVICE = "alignd.v1.TrainerService"
+KINDS = {
+    "causal_lm": trainer_pb2.MODEL_KIND_CAUSAL_LM,
+    "causal_lm_value": trainer_pb2.MODEL_KIND_CAUSAL_LM_VALUE,
+    "sequence_classifier": trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER,
+}
+SCHEDULES = {"constant": 0, "linear": 1, "cosine": 2}
+OUTPUTS = {"logprobs": 1, "values": 2, "entropy": 3, "rewards": 4}
+
+
+@dataclass
+class TrainBatch:
+    """Token sequences and the per-token / per-sequence inputs a loss needs.
+
+    Attributes:
+        input_ids: B rows of token ids (prompt then completion).
+        prompt_lengths: B prompt lengths.
+        completion_mask: optional B rows of 0/1 over completion tokens.
+        token_inputs: named B rows over completion tokens (old_logprobs, advantages, ...).
+        sequence_inputs: named per-sequence arrays (ref_logps, labels, kl_rows, margins).
+    """
+
+    input_ids: Sequence[Sequence[int] | np.ndarray]
+    prompt_lengths: Sequence[int]
+    completion_mask: Sequence[np.ndarray] | None = None
+    token_inputs: Mapping[str, Sequence[np.ndarray]] = field(default_factory=dict)
+    sequence_inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def to_proto(self) -> trainer_pb2.Batch:
+        rows = [np.asarray(r, dtype=np.int32) for r in self.input_ids]
+        batch = trainer_pb2.Batch(
+            input_ids=from_ragged(rows, common_pb2.DTYPE_INT32),
+            prompt_lengths=list(self.prompt_lengths),
+        )
+        if self.completion_mask is not None:
+            masks = [np.asarray(m, dtype=np.float32) for m in self.completion_mask]
+            batch.completion_mask.CopyFrom(from_ragged(masks, common_pb2.DTYPE_FLOAT32))
+        for name, values in self.token_inputs.items():
+            rows_f = [np.asarray(v, dtype=np.float32) for v in values]
+            batch.token_inputs[name].CopyFrom(from_ragged(rows_f, common_pb2.DTYPE_FLOAT32))
+        for name, values in self.sequence_inputs.items():
+            batch.sequence_inputs[name].CopyFrom(from_numpy(np.asarray(values, dtype=np.float32)))
+        return batch
+
+
+def initialize_request(
+    model_path: str = "", kind: str = "causal_lm", **options
+) -> trainer_pb2.InitializeRequest:
+    """An InitializeRequest; options: lr, betas, eps, weight_decay, schedule, warmup_steps,
+    total_steps, min_lr_ratio, max_grad_norm, gradient_checkpointing, seed, dtype."""
+    betas = options.pop("betas", None)
+    optimizer = trainer_pb2.AdamWConfig(
+        lr=options.pop("lr", None), eps=options.pop("eps", None),
+        weight_decay=options.pop("weight_decay", None),
+        beta1=betas[0] if betas else None, beta2=betas[1] if betas else None,
+    )  # fmt: skip
+    schedule = trainer_pb2.ScheduleConfig(
+        kind=SCHEDULES[options.pop("schedule", "constant")],
+        warmup_steps=options.pop("warmup_steps", 0), total_steps=options.pop("total_steps", 0),
+        min_lr_ratio=options.pop("min_lr_ratio", 0.0),
+    )  # fmt: skip
+    request = trainer_pb2.InitializeRequest(
+        model_path=str(model_path), kind=KINDS[kind], optimizer=optimizer, schedule=schedule,
+        dtype=options.pop("dtype", ""), max_grad_norm=options.pop("max_grad_norm", None),
+        gradient_checkpointing=options.pop("gradient_checkpointing", False),
+        seed=options.pop("seed", None),
+    )  # fmt: skip
+    if options:
+        raise TypeError(f"unknown initialize options: {sorted(options)}")
+    return request
 
 
 class TrainerClient(TokenizingClient):
@@ -22,9 +98,77 @@ class TrainerClient(TokenizingClient):
         """Step, model and optimizer state."""
         return self._call("GetState", trainer_pb2.GetStateRequest(), timeout=timeout)
 
+    def initialize(
+        self, model_path: str = "", kind: str = "causal_lm", *, timeout: float | None = 600,
+        **options,
+    ) -> trainer_pb2.InitializeResponse:  # fmt: skip
+        """Loads a model and builds its optimizer (see :func:`initialize_request`)."""
+        return self._call("Initialize", initialize_request(model_path, kind, **options),
+                          timeout=timeout)  # fmt: skip
+
+    def forward_backward(
+        self, batch: TrainBatch, loss: Loss, *, loss_scale: float | None = None,
+        timeout: float | None = None,
+    ) -> trainer_pb2.ForwardBackwardResponse:  # fmt: skip
+        """Computes ``loss`` on ``batch`` and accumulates its gradients."""
+        request = trainer_pb2.ForwardBackwardRequest(
+            batch=batch.to_proto(), loss=loss.to_proto(), loss_scale=loss_scale
+        )
+        return self._call("ForwardBackward", request, timeout=timeout)
+
+    def optim_step(self, *, timeout: float | None = None) -> trainer_pb2.OptimStepResponse:
+        """Clips, steps, schedules and zeroes the gradients."""
+        return self._call("OptimStep", trainer_pb2.OptimStepRequest(), timeout=timeout)
+
+    def forward(
+        self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,
+        temperature: float | None = None, timeout: float | None = None,
+    ) -> dict[str, list[np.ndarray] | np.ndarray]:  # fmt: skip
+        """No-grad outputs: per-token ``logprobs``/``values``/``entropy`` rows, or ``rewards``."""
+        request = trainer_pb2.ForwardRequest(
+            batch=batch.to_proto(), outputs=[OUTPUTS[o] for o in outputs], temperature=temperature
+        )
+        response = self._call("Forward", request, timeout=timeout)
+        result: dict[str, list[np.ndarray] | np.ndarray] = {}
+        for name in outputs:
+            if name == "rewards":
+                result[name] = to_numpy(response.rewards)
+            else:
+                result[name] = to_ragged(getattr(response, name))
+        return result
+
+    def save_checkpoint(
+        self, path: str, *, include_optimizer: bool = True, timeout: float | None = 600
+    ) -> trainer_pb2.SaveCheckpointResponse:
+        """Writes a checkpoint directory atomically."""
+        request = trainer_pb2.SaveCheckpointRequest(
+            path=str(path), include_optimizer=include_optimizer
+        )
+        return self._call("SaveCheckpoint", request, timeout=timeout)
+
+    def load_checkpoint(
+        self, path: str, *, load_optimizer: bool = True, timeout: float | None = 600
+    ) -> trainer_pb2.LoadCheckpointResponse:
+        """Restores a checkpoint (and its training state)."""
+        request = trainer_pb2.LoadCheckpointRequest(path=str(path), load_optimizer=load_optimizer)
+        return self._call("LoadCheckpoint", request, timeout=timeout)
+
+    def push_weights(
+        self, targets: Sequence[str], version: int, *, timeout_seconds: float = 300.0,
+        shared_path: str = "", timeout: float | None = None,
+    ) -> list[trainer_pb2.PushResult]:  # fmt: skip
+        """Pushes the policy to generation services; one result per target."""
+        request = trainer_pb2.PushWeightsRequest(
+            targets=[trainer_pb2.PushTarget(address=t) for t in targets], version=version,
+            timeout_seconds=timeout_seconds, shared_path=shared_path,
+        )  # fmt: skip
+        return list(
+            self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60).results
+        )
+
 
 class AsyncTrainerClient(AsyncTokenizingClient):
-    """asyncio client of the trainer service."""
+    """asyncio client of the trainer service (info and state; the primitives are sync for now)."""
 
     service = SERVICE
     stub_class = trainer_pb2_grpc.TrainerServiceStub
