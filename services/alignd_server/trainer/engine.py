@@ -116,7 +116,11 @@ class TrainerEngine:
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _inputs(self, batch: Batch, loss: str | None, temperature: float, grad: bool) -> LossInputs:
+    def _inputs(
+        self, batch: Batch, temperature: float, grad: bool, *, entropy: bool = False,
+        mean_logprobs: bool = False, values: bool = False,
+    ) -> LossInputs:  # fmt: skip
+        """The tensors a loss (or Forward) reads; only the requested statistics are computed."""
         ids, mask, lengths = pad_right(batch.rows, self.loaded.tokenizer.pad_token_id, self.device)
         prompts = torch.as_tensor(batch.prompts, device=self.device)
         with torch.set_grad_enabled(grad):
@@ -126,18 +130,17 @@ class TrainerEngine:
                                   sequence_inputs=_sequence(batch, self.device))  # fmt: skip
             stats = token_stats(
                 self.model, ids, mask, lengths, prompts, temperature=temperature,
-                entropy=loss in ("ppo", None), mean_logprobs=loss == "cross_entropy",
-                hidden=self.value_head is not None,
+                entropy=entropy, mean_logprobs=mean_logprobs, hidden=values,
             )  # fmt: skip
         token_mask = stats.mask
         if batch.completion_mask is not None:
             token_mask = token_mask * _pad(batch.completion_mask, stats.mask.shape, self.device)
-        values = None
-        if self.value_head is not None:
+        value_rows = None
+        if values:
             with torch.set_grad_enabled(grad):
-                values = self.value_head(stats.hidden)[..., 0].float() * stats.mask
+                value_rows = self.value_head(stats.hidden)[..., 0].float() * stats.mask
         return LossInputs(
-            stats.logprobs, token_mask, values=values, entropy=stats.entropy,
+            stats.logprobs, token_mask, values=value_rows, entropy=stats.entropy,
             mean_logprobs=stats.mean_logprobs,
             token_inputs={k: _pad(v, stats.mask.shape, self.device)
                           for k, v in batch.token_inputs.items()},
@@ -160,7 +163,12 @@ class TrainerEngine:
     ) -> tuple[LossOutput, int]:
         """Computes ``loss`` on ``batch`` and accumulates its gradients."""
         self.check_loss(loss)
-        inputs = self._inputs(batch, loss, temperature, grad=True)
+        inputs = self._inputs(
+            batch, temperature, grad=True,
+            entropy=loss == "ppo" and params.get("entropy_coef", 0.0) > 0,
+            mean_logprobs=loss == "cross_entropy" and params.get("label_smoothing", 0.0) > 0,
+            values=loss == "ppo",
+        )  # fmt: skip
         output = LOSSES[loss](inputs, **params)
         if not torch.isfinite(output.loss):
             raise InvalidArgument(
@@ -192,14 +200,12 @@ class TrainerEngine:
             raise InvalidArgument("outputs", "a sequence_classifier has only rewards")
         if "values" in outputs and self.value_head is None:
             raise InvalidArgument("outputs", "values need a causal_lm_value model")
-        inputs = self._inputs(batch, None, temperature, grad=False)
+        inputs = self._inputs(
+            batch, temperature, grad=False, entropy="entropy" in outputs, values="values" in outputs
+        )
         if self.spec.kind == SEQUENCE_CLASSIFIER:
             return {"rewards": inputs.rewards.detach().cpu().numpy()}
-        lengths = (
-            inputs.mask.sum(-1).long().tolist()
-            if batch.completion_mask is None
-            else [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]
-        )
+        lengths = [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]
         result = {}
         for name, tensor in (("logprobs", inputs.logprobs), ("values", inputs.values),
                              ("entropy", inputs.entropy)):  # fmt: skip
