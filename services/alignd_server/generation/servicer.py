@@ -147,7 +147,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         (prompt,) = await asyncio.to_thread(self._prompts, [request.prompt], sampling, "prompt")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        rows = [[] for _ in range(sampling.n)]
+        rows: list[list[int]] = [[] for _ in range(sampling.n)]
+        texts = [""] * sampling.n  # text decoded so far, per sample
 
         def on_step(row: int, token: int, logprob: float) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (row, token, logprob))
@@ -159,13 +160,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             while (event := await events.get()) is not None:
                 row, token, logprob = event
-                before = tokenizer.decode(
-                    rows[row], skip_special_tokens=sampling.skip_special_tokens
-                )
+                before = texts[row]
                 rows[row].append(token)
                 after = tokenizer.decode(
                     rows[row], skip_special_tokens=sampling.skip_special_tokens
                 )
+                texts[row] = after
                 message = generation_pb2.GenerateStreamResponse(
                     index=row,
                     token_ids=from_numpy([token], common_pb2.DTYPE_INT32),
