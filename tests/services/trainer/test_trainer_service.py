@@ -304,3 +304,35 @@ def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
     with GenerationClient(replicas[0].target) as client:
         assert client.info().weights_version == 2
     assert trained  # the trainer did train before pushing
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "message"),
+    [
+        ("Forward", trainer_pb2.ForwardRequest(batch=batch()), r"outputs: ask for at least one"),
+        ("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=[99]),
+         r"outputs: unknown output"),
+        ("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=[4]),
+         r"outputs: rewards need a sequence_classifier"),
+        ("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=[1], temperature=0.0),
+         r"temperature: must be a finite number > 0"),
+        ("PushWeights", trainer_pb2.PushWeightsRequest(
+            targets=[trainer_pb2.PushTarget(address="127.0.0.1:1")], version=0),
+         r"version: must be > 0"),
+        ("PushWeights", trainer_pb2.PushWeightsRequest(
+            targets=[trainer_pb2.PushTarget(address="127.0.0.1:1")], version=1,
+            timeout_seconds=-1), r"timeout_seconds: must be > 0"),
+        ("PushWeights", trainer_pb2.PushWeightsRequest(
+            targets=[trainer_pb2.PushTarget()], version=1), r"targets\[0\]\.address: must be set"),
+        ("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(), r"path: must be set"),
+        ("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path="/no/such/dir/ckpt"),
+         r"path: parent directory /no/such/dir does not exist"),
+        ("ForwardBackward", FB(batch=batch(), loss=SFT, loss_scale=0.0),
+         r"loss_scale: must be a finite number > 0"),
+    ],
+)  # fmt: skip
+def test_bad_trainer_requests_name_the_field(serve, tiny_models, method, request_, message):
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.causal_lm)
+        with pytest.raises(InvalidArgumentError, match=message):
+            client._call(method, request_)
