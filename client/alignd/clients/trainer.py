@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +58,35 @@ class TrainBatch:
         return batch
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning.
+
+    Attributes:
+        r: rank, >= 1.
+        alpha: scaling α (the update is α / r · B A); default 2 · r.
+        dropout: dropout on the adapters' input during ForwardBackward, in [0, 1).
+        target_modules: module names to adapt; empty = every linear layer of the blocks.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: Sequence[str] = ()
+
+    def to_proto(self) -> trainer_pb2.LoraConfig:
+        return trainer_pb2.LoraConfig(
+            r=self.r, alpha=self.alpha, dropout=self.dropout,
+            target_modules=list(self.target_modules),
+        )  # fmt: skip
+
+
 def initialize_request(
     model_path: str = "", kind: str = "causal_lm", **options
 ) -> trainer_pb2.InitializeRequest:
     """An InitializeRequest; options: lr, betas, eps, weight_decay, schedule, warmup_steps,
-    total_steps, min_lr_ratio, max_grad_norm, gradient_checkpointing, seed, dtype."""
+    total_steps, min_lr_ratio, max_grad_norm, gradient_checkpointing, lora (a
+    :class:`LoraConfig`), seed, dtype."""
     betas = options.pop("betas", None)
     optimizer = trainer_pb2.AdamWConfig(
         lr=options.pop("lr", None), eps=options.pop("eps", None),
@@ -73,74 +98,98 @@ def initialize_request(
         warmup_steps=options.pop("warmup_steps", 0), total_steps=options.pop("total_steps", 0),
         min_lr_ratio=options.pop("min_lr_ratio", 0.0),
     )  # fmt: skip
+    lora = options.pop("lora", None)
     request = trainer_pb2.InitializeRequest(
         model_path=str(model_path), kind=KINDS[kind], optimizer=optimizer, schedule=schedule,
         dtype=options.pop("dtype", ""), max_grad_norm=options.pop("max_grad_norm", None),
         gradient_checkpointing=options.pop("gradient_checkpointing", False),
-        seed=options.pop("seed", None),
+        lora=lora.to_proto() if lora is not None else None, seed=options.pop("seed", None),
     )  # fmt: skip
     if options:
         raise TypeError(f"unknown initialize options: {sorted(options)}")
     return request
 
 
-class TrainerClient(TokenizingClient):
-    """Sync client of the trainer service."""
+def forward_request(
+    batch: TrainBatch, outputs: Sequence[str], temperature: float | None
+) -> trainer_pb2.ForwardRequest:
+    """A ForwardRequest for the named outputs."""
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(OUTPUTS)}")
+    return trainer_pb2.ForwardRequest(
+        batch=batch.to_proto(), outputs=[OUTPUTS[o] for o in outputs], temperature=temperature
+    )
 
-    service = SERVICE
-    stub_class = trainer_pb2_grpc.TrainerServiceStub
 
-    def info(self, *, timeout: float | None = None) -> trainer_pb2.TrainerInfo:
-        """Model (once initialized), limits and parallelism."""
+def forward_result(
+    response: trainer_pb2.ForwardResponse, outputs: Sequence[str]
+) -> dict[str, list[np.ndarray] | np.ndarray]:
+    """The decoded outputs of a ForwardResponse, by name."""
+    result: dict[str, list[np.ndarray] | np.ndarray] = {}
+    for name in outputs:
+        if name == "rewards":
+            result[name] = to_numpy(response.rewards)
+        else:
+            result[name] = to_ragged(getattr(response, name))
+    return result
+
+
+def push_request(
+    targets: Sequence[str], version: int, timeout_seconds: float, shared_path: str
+) -> trainer_pb2.PushWeightsRequest:
+    """A PushWeightsRequest to ``targets``."""
+    return trainer_pb2.PushWeightsRequest(
+        targets=[trainer_pb2.PushTarget(address=t) for t in targets], version=version,
+        timeout_seconds=timeout_seconds, shared_path=shared_path,
+    )  # fmt: skip
+
+
+class _Primitives:
+    """The primitives whose answer is the response message itself.
+
+    Written once for both clients: ``self._call`` returns the response (sync client) or an
+    awaitable of it (asyncio client).
+    """
+
+    _call: Callable[..., Any]
+
+    def info(self, *, timeout: float | None = None):
+        """Model (once initialized), limits and parallelism (``TrainerInfo``)."""
         return self._call("GetInfo", common_pb2.GetInfoRequest(), timeout=timeout)
 
-    def state(self, *, timeout: float | None = None) -> trainer_pb2.TrainerState:
-        """Step, model and optimizer state."""
+    def state(self, *, timeout: float | None = None):
+        """Step, model and optimizer state (``TrainerState``)."""
         return self._call("GetState", trainer_pb2.GetStateRequest(), timeout=timeout)
 
     def initialize(
         self, model_path: str = "", kind: str = "causal_lm", *, timeout: float | None = 600,
         **options,
-    ) -> trainer_pb2.InitializeResponse:  # fmt: skip
-        """Loads a model and builds its optimizer (see :func:`initialize_request`)."""
+    ):  # fmt: skip
+        """Loads a model and builds its optimizer (see :func:`initialize_request`);
+        ``InitializeResponse``."""
         return self._call("Initialize", initialize_request(model_path, kind, **options),
                           timeout=timeout)  # fmt: skip
 
     def forward_backward(
         self, batch: TrainBatch, loss: Loss, *, loss_scale: float | None = None,
         timeout: float | None = None,
-    ) -> trainer_pb2.ForwardBackwardResponse:  # fmt: skip
-        """Computes ``loss`` on ``batch`` and accumulates its gradients."""
+    ):  # fmt: skip
+        """Computes ``loss`` on ``batch`` and accumulates its gradients
+        (``ForwardBackwardResponse``: loss, metrics, tokens)."""
         request = trainer_pb2.ForwardBackwardRequest(
             batch=batch.to_proto(), loss=loss.to_proto(), loss_scale=loss_scale
         )
         return self._call("ForwardBackward", request, timeout=timeout)
 
-    def optim_step(self, *, timeout: float | None = None) -> trainer_pb2.OptimStepResponse:
-        """Clips, steps, schedules and zeroes the gradients."""
+    def optim_step(self, *, timeout: float | None = None):
+        """Clips, steps, schedules and zeroes the gradients (``OptimStepResponse``)."""
         return self._call("OptimStep", trainer_pb2.OptimStepRequest(), timeout=timeout)
-
-    def forward(
-        self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,
-        temperature: float | None = None, timeout: float | None = None,
-    ) -> dict[str, list[np.ndarray] | np.ndarray]:  # fmt: skip
-        """No-grad outputs: per-token ``logprobs``/``values``/``entropy`` rows, or ``rewards``."""
-        request = trainer_pb2.ForwardRequest(
-            batch=batch.to_proto(), outputs=[OUTPUTS[o] for o in outputs], temperature=temperature
-        )
-        response = self._call("Forward", request, timeout=timeout)
-        result: dict[str, list[np.ndarray] | np.ndarray] = {}
-        for name in outputs:
-            if name == "rewards":
-                result[name] = to_numpy(response.rewards)
-            else:
-                result[name] = to_ragged(getattr(response, name))
-        return result
 
     def save_checkpoint(
         self, path: str, *, include_optimizer: bool = True, timeout: float | None = 600
-    ) -> trainer_pb2.SaveCheckpointResponse:
-        """Writes a checkpoint directory atomically."""
+    ):
+        """Writes a checkpoint directory atomically (``SaveCheckpointResponse``)."""
         request = trainer_pb2.SaveCheckpointRequest(
             path=str(path), include_optimizer=include_optimizer
         )
@@ -148,35 +197,59 @@ class TrainerClient(TokenizingClient):
 
     def load_checkpoint(
         self, path: str, *, load_optimizer: bool = True, timeout: float | None = 600
-    ) -> trainer_pb2.LoadCheckpointResponse:
-        """Restores a checkpoint (and its training state)."""
+    ):
+        """Restores a checkpoint and its training state (``LoadCheckpointResponse``)."""
         request = trainer_pb2.LoadCheckpointRequest(path=str(path), load_optimizer=load_optimizer)
         return self._call("LoadCheckpoint", request, timeout=timeout)
+
+
+class TrainerClient(_Primitives, TokenizingClient):
+    """Sync client of the trainer service."""
+
+    service = SERVICE
+    stub_class = trainer_pb2_grpc.TrainerServiceStub
+
+    def forward(
+        self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,
+        temperature: float | None = None, timeout: float | None = None,
+    ) -> dict[str, list[np.ndarray] | np.ndarray]:  # fmt: skip
+        """No-grad outputs: per-token ``logprobs``/``values``/``entropy`` rows, or ``rewards``."""
+        response = self._call(
+            "Forward", forward_request(batch, outputs, temperature), timeout=timeout
+        )
+        return forward_result(response, outputs)
 
     def push_weights(
         self, targets: Sequence[str], version: int, *, timeout_seconds: float = 300.0,
         shared_path: str = "", timeout: float | None = None,
     ) -> list[trainer_pb2.PushResult]:  # fmt: skip
         """Pushes the policy to generation services; one result per target."""
-        request = trainer_pb2.PushWeightsRequest(
-            targets=[trainer_pb2.PushTarget(address=t) for t in targets], version=version,
-            timeout_seconds=timeout_seconds, shared_path=shared_path,
-        )  # fmt: skip
-        return list(
-            self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60).results
-        )
+        request = push_request(targets, version, timeout_seconds, shared_path)
+        response = self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60)
+        return list(response.results)
 
 
-class AsyncTrainerClient(AsyncTokenizingClient):
-    """asyncio client of the trainer service (info and state; the primitives are sync for now)."""
+class AsyncTrainerClient(_Primitives, AsyncTokenizingClient):
+    """asyncio client of the trainer service: the same primitives, awaited."""
 
     service = SERVICE
     stub_class = trainer_pb2_grpc.TrainerServiceStub
 
-    async def info(self, *, timeout: float | None = None) -> trainer_pb2.TrainerInfo:
-        """Model (once initialized), limits and parallelism."""
-        return await self._call("GetInfo", common_pb2.GetInfoRequest(), timeout=timeout)
+    async def forward(
+        self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,
+        temperature: float | None = None, timeout: float | None = None,
+    ) -> dict[str, list[np.ndarray] | np.ndarray]:  # fmt: skip
+        """No-grad outputs: per-token ``logprobs``/``values``/``entropy`` rows, or ``rewards``."""
+        response = await self._call(
+            "Forward", forward_request(batch, outputs, temperature), timeout=timeout
+        )
+        return forward_result(response, outputs)
 
-    async def state(self, *, timeout: float | None = None) -> trainer_pb2.TrainerState:
-        """Step, model and optimizer state."""
-        return await self._call("GetState", trainer_pb2.GetStateRequest(), timeout=timeout)
+    async def push_weights(
+        self, targets: Sequence[str], version: int, *, timeout_seconds: float = 300.0,
+        shared_path: str = "", timeout: float | None = None,
+    ) -> list[trainer_pb2.PushResult]:  # fmt: skip
+        """Pushes the policy to generation services; one result per target."""
+        request = push_request(targets, version, timeout_seconds, shared_path)
+        response = await self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60)
+        return list(response.results)

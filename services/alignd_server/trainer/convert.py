@@ -9,10 +9,11 @@ import numpy as np
 from alignd.models import resolve_model
 from alignd.tensors import TensorError, to_numpy, to_ragged
 from alignd.v1 import trainer_pb2
-from alignd_server.common.errors import InvalidArgument, Unimplemented
+from alignd_server.common.errors import InvalidArgument
 from alignd_server.common.validation import positive, prompt_lengths, token_rows
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import Batch, InitSpec
+from alignd_server.trainer.lora import LoraSpec
 
 KINDS = {
     trainer_pb2.MODEL_KIND_CAUSAL_LM: "causal_lm",
@@ -25,6 +26,7 @@ SCHEDULES = {
     trainer_pb2.SCHEDULE_KIND_COSINE: "cosine",
 }
 DPO_VARIANTS = {0: "sigmoid", 1: "ipo", 2: "hinge", 3: "robust"}
+MAX_LORA_RANK = 1024
 
 
 def _opt(message, name: str, default: float) -> float:
@@ -35,8 +37,6 @@ def init_spec(request: trainer_pb2.InitializeRequest, settings: TrainerSettings)
     """Validates an InitializeRequest."""
     if request.kind not in KINDS:
         raise InvalidArgument("kind", "must be CAUSAL_LM, CAUSAL_LM_VALUE or SEQUENCE_CLASSIFIER")
-    if request.HasField("lora"):
-        raise Unimplemented("lora: LoRA training is not available in this build")
     try:
         path = str(resolve_model(request.model_path or settings.model))
     except FileNotFoundError as err:
@@ -79,7 +79,26 @@ def init_spec(request: trainer_pb2.InitializeRequest, settings: TrainerSettings)
         weight_decay=weight_decay, schedule=SCHEDULES[schedule.kind],
         warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps,
         min_lr_ratio=schedule.min_lr_ratio, max_grad_norm=max_norm or None,
+        gradient_checkpointing=request.gradient_checkpointing,
+        lora=_lora(request.lora) if request.HasField("lora") else None,
         seed=request.seed if request.HasField("seed") else 0,
+    )  # fmt: skip
+
+
+def _lora(message: trainer_pb2.LoraConfig) -> LoraSpec:
+    if not 1 <= message.r <= MAX_LORA_RANK:
+        raise InvalidArgument("lora.r", f"{message.r} must be in 1 .. {MAX_LORA_RANK}")
+    alpha = message.alpha if message.HasField("alpha") else 2.0 * message.r
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise InvalidArgument("lora.alpha", f"must be > 0, got {alpha}")
+    if not 0 <= message.dropout < 1:
+        raise InvalidArgument("lora.dropout", f"{message.dropout} is outside [0, 1)")
+    for i, name in enumerate(message.target_modules):
+        if not name.strip():
+            raise InvalidArgument(f"lora.target_modules[{i}]", "must not be empty")
+    return LoraSpec(
+        r=message.r, alpha=alpha, dropout=message.dropout,
+        target_modules=list(message.target_modules),
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ which makes gradient accumulation exactly equal to one large batch).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.common.forward import pad_right, sequence_scores
 from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
+from alignd_server.trainer import lora
 from alignd_server.trainer.forward import token_stats
 from alignd_server.trainer.losses import LOSSES, LossInputs, LossOutput
 
@@ -43,6 +45,8 @@ class InitSpec:
     total_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
+    lora: lora.LoraSpec | None = None
     seed: int = 0
 
 
@@ -85,6 +89,12 @@ class TrainerEngine:
         else:
             self.loaded = load_causal_lm(spec.path, dtype=spec.dtype, device=device)
         self.model = self.loaded.model
+        if spec.lora is not None:
+            lora.apply(self.model, spec.lora, spec.seed)
+        if spec.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            if spec.lora is not None:  # frozen embeddings: checkpointed blocks need input grads
+                self.model.enable_input_require_grads()
         self.value_head: torch.nn.Linear | None = None
         if spec.kind == CAUSAL_LM_VALUE:
             hidden = self.model.config.hidden_size
@@ -102,6 +112,8 @@ class TrainerEngine:
         self.step = 0
         self.accumulated = 0
         self.pushed_version = 0
+        self.reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
+        """Set by data parallelism: sums the ranks' gradients before the step."""
 
     def _modules_parameters(self):
         yield from self.model.parameters()
@@ -158,11 +170,10 @@ class TrainerEngine:
         if loss == "ppo" and self.spec.kind != CAUSAL_LM_VALUE:
             raise InvalidArgument("loss", "ppo needs a causal_lm_value model (policy + value head)")
 
-    def forward_backward(
-        self, batch: Batch, loss: str, params: dict, scale: float, temperature: float
-    ) -> tuple[LossOutput, int]:
-        """Computes ``loss`` on ``batch`` and accumulates its gradients."""
+    def compute_loss(self, batch: Batch, loss: str, params: dict, temperature: float) -> LossOutput:
+        """Computes ``loss`` on ``batch``, keeping the graph for :meth:`backward`."""
         self.check_loss(loss)
+        lora.set_dropout(self.model, self.spec.lora is not None and self.spec.lora.dropout > 0)
         inputs = self._inputs(
             batch, temperature, grad=True,
             entropy=loss == "ppo" and params.get("entropy_coef", 0.0) > 0,
@@ -171,17 +182,34 @@ class TrainerEngine:
         )  # fmt: skip
         output = LOSSES[loss](inputs, **params)
         if not torch.isfinite(output.loss):
+            lora.set_dropout(self.model, False)
             raise InvalidArgument(
                 "batch", f"the {loss} loss is {float(output.loss)}; no gradient kept"
             )
-        (output.loss * scale).backward()
+        return output
+
+    def backward(self, output: LossOutput, scale: float) -> int:
+        """Accumulates the gradients of ``scale`` × the loss; returns the batches accumulated."""
+        try:
+            (output.loss * scale).backward()
+        finally:
+            lora.set_dropout(self.model, False)
         self.accumulated += 1
-        return output, self.accumulated
+        return self.accumulated
+
+    def forward_backward(
+        self, batch: Batch, loss: str, params: dict, scale: float, temperature: float
+    ) -> tuple[LossOutput, int]:
+        """Computes ``loss`` on ``batch`` and accumulates its gradients."""
+        output = self.compute_loss(batch, loss, params, temperature)
+        return output, self.backward(output, scale)
 
     def optim_step(self) -> tuple[float, float, int]:
         """Clips, steps, schedules and zeroes; returns (grad norm, lr used, step)."""
         if self.accumulated == 0:
             raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(self.parameters)
         limit = self.spec.max_grad_norm or float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
         lr = self.learning_rate

@@ -19,12 +19,14 @@ from safetensors.numpy import save_file
 from alignd import AsyncGenerationClient, TLSConfig
 from alignd.errors import AligndError
 from alignd.v1 import trainer_pb2
+from alignd_server.trainer import lora
 from alignd_server.trainer.config import TrainerSettings
 
 
 def policy_weights(model) -> dict[str, np.ndarray]:
-    """The policy's parameters as float32 numpy arrays, by name (tied weights once)."""
-    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}
+    """The policy's parameters as float32 numpy arrays, by name (tied weights once; LoRA
+    adapters merged)."""
+    return {n: p.float().cpu().numpy() for n, p in lora.merged_weights(model).items()}
 
 
 def _client(address: str, settings: TrainerSettings) -> AsyncGenerationClient:

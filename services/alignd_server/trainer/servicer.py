@@ -61,8 +61,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         spec = convert.init_spec(request, self.settings)
         self.engine = None  # the old model goes before the new one loads
         engine = await self._run(TrainerEngine, spec, self.settings.device)
-        if request.gradient_checkpointing:
-            engine.model.gradient_checkpointing_enable()
         self.engine = engine
         return trainer_pb2.InitializeResponse(
             model=model_info(engine.loaded), trainable_parameters=engine.trainable_parameters
