@@ -57,6 +57,12 @@ def main(role: str, argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"invalid settings: {err}", file=sys.stderr)
         return 2
+    if role == "trainer":
+        from alignd_server.trainer.parallel import launch
+
+        code = launch(settings)
+        if code is not None:
+            return code
     try:
         run(build_server(role, settings))
     except (OSError, RuntimeError, ValueError) as err:  # missing model, port in use, bad files

@@ -1,10 +1,13 @@
-"""Settings of the trainer service (env prefix ``ALIGND_``)."""
+"""Settings of the trainer service (env prefix ``ALIGND_``) and the ranks torchrun sets."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alignd_server.common.config import ModelServerSettings
 
@@ -20,3 +23,41 @@ class TrainerSettings(ModelServerSettings):
     """Bearer token (first line of the file) PushWeights presents to generation services."""
     push_tls_ca: Path | None = None
     """PEM CA bundle that signed the generation services' certificates (TLS for PushWeights)."""
+    nproc: int = Field(1, ge=1, le=1024)
+    """Data-parallel ranks on this node (torchrun's --nproc-per-node); rank 0 serves gRPC."""
+    nnodes: int = Field(1, ge=1, le=4096)
+    """Nodes taking part (each runs ``--nproc`` ranks); > 1 needs master_addr reachable."""
+    node_rank: int = Field(0, ge=0)
+    """This node's index in 0 .. nnodes - 1 (in Kubernetes: the StatefulSet pod ordinal)."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0, where the ranks meet (in Kubernetes: pod 0 of a headless Service)."""
+    master_port: int = Field(29500, ge=1, le=65535)
+    """Port of the rendezvous store on node 0."""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: ``auto`` = nccl on CUDA devices, gloo on CPU."""
+    dist_timeout_s: float = Field(1800.0, gt=0)
+    """How long a collective may wait for the other ranks before the group fails."""
+
+
+class RankEnvironment(BaseSettings):
+    """Where this process sits in the group; torchrun sets these variables (no prefix)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    rank: int = Field(0, ge=0)
+    """Global rank, 0 .. world_size - 1."""
+    world_size: int = Field(1, ge=1)
+    """Ranks in the group."""
+    local_rank: int = Field(0, ge=0)
+    """Rank on this node (picks the CUDA device)."""
+    torchelastic_run_id: str | None = None
+    """Set by torchrun: this process is one of its ranks."""
+
+
+def settings_environment(settings: TrainerSettings) -> dict[str, str]:
+    """``settings`` as the ``ALIGND_*`` variables that reproduce them in another process."""
+    env = {}
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        env[f"ALIGND_{name.upper()}"] = text
+    return env

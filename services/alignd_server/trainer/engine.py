@@ -228,6 +228,7 @@ class TrainerEngine:
             raise InvalidArgument("outputs", "a sequence_classifier has only rewards")
         if "values" in outputs and self.value_head is None:
             raise InvalidArgument("outputs", "values need a causal_lm_value model")
+        lora.set_dropout(self.model, False)
         inputs = self._inputs(
             batch, temperature, grad=False, entropy="entropy" in outputs, values="values" in outputs
         )

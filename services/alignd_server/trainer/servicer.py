@@ -15,7 +15,7 @@ from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.common.validation import positive
-from alignd_server.trainer import checkpoint, convert, push
+from alignd_server.trainer import checkpoint, convert, parallel, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 
@@ -39,15 +39,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.settings = settings
         self.started_at = time.time()
         self.engine: TrainerEngine | None = None
+        self.executor = parallel.executor(settings)
+        self._heartbeat: asyncio.Task | None = None
 
     def register(self, server: aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self, server)
 
     async def start(self) -> None:
-        """Nothing to load: the model comes with Initialize."""
+        """Waits for the other ranks, if any (the model comes with Initialize)."""
+        await self._run(self.executor.start)
+        if self.executor.world_size > 1:
+            self._heartbeat = asyncio.create_task(self._keep_ranks_alive())
+
+    async def _keep_ranks_alive(self) -> None:
+        interval = min(60.0, self.settings.dist_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            await self._run(self.executor.ping)
 
     async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self.engine = None
+        await self._run(self.executor.close)
 
     def _engine(self) -> TrainerEngine:
         if self.engine is None:
@@ -60,7 +74,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def Initialize(self, request, context) -> trainer_pb2.InitializeResponse:
         spec = convert.init_spec(request, self.settings)
         self.engine = None  # the old model goes before the new one loads
-        engine = await self._run(TrainerEngine, spec, self.settings.device)
+        engine = await self._run(self.executor.initialize, spec)
         self.engine = engine
         return trainer_pb2.InitializeResponse(
             model=model_info(engine.loaded), trainable_parameters=engine.trainable_parameters
@@ -79,7 +93,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         batch = self._batch(engine, request.batch)
         scale = positive(request, "loss_scale", default=1.0)
         output, accumulated = await self._run(
-            engine.forward_backward, batch, name, params, scale, temperature
+            self.executor.forward_backward, engine, batch, name, params, scale, temperature
         )
         return trainer_pb2.ForwardBackwardResponse(
             loss=float(output.loss.detach()), metrics=output.metrics, num_tokens=output.num_tokens,
@@ -87,7 +101,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )  # fmt: skip
 
     async def OptimStep(self, request, context) -> trainer_pb2.OptimStepResponse:
-        norm, lr, step = await self._run(self._engine().optim_step)
+        norm, lr, step = await self._run(self.executor.optim_step, self._engine())
         return trainer_pb2.OptimStepResponse(grad_norm=norm, learning_rate=lr, step=step)
 
     async def Forward(self, request, context) -> trainer_pb2.ForwardResponse:
@@ -99,7 +113,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         outputs = {OUTPUTS[o] for o in request.outputs}
         temperature = positive(request, "temperature", default=1.0)
         batch = self._batch(engine, request.batch)
-        result = await self._run(engine.forward, batch, outputs, temperature)
+        result = await self._run(self.executor.forward, engine, batch, outputs, temperature)
         response = trainer_pb2.ForwardResponse()
         for name, rows in result.items():
             if name == "rewards":
@@ -117,7 +131,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def LoadCheckpoint(self, request, context) -> trainer_pb2.LoadCheckpointResponse:
         engine = self._engine()
         optimizer = request.load_optimizer if request.HasField("load_optimizer") else True
-        step = await self._run(checkpoint.load, engine, request.path, optimizer)
+        step = await self._run(self.executor.load, engine, request.path, optimizer)
         return trainer_pb2.LoadCheckpointResponse(step=step)
 
     async def PushWeights(self, request, context) -> trainer_pb2.PushWeightsResponse:
@@ -161,4 +175,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetInfo(self, request, context) -> trainer_pb2.TrainerInfo:
         loaded = self.engine.loaded if self.engine is not None else None
         info = server_info(SERVICE, self.settings, self.started_at, loaded)
-        return trainer_pb2.TrainerInfo(server=info, world_size=1)
+        return trainer_pb2.TrainerInfo(
+            server=info, world_size=self.executor.world_size, backend=self.executor.backend
+        )

@@ -51,6 +51,15 @@ class LossOutput:
     metrics: dict[str, float]
     num_tokens: int
     """Tokens (or sequences, for sequence losses) that counted."""
+    units: float | None = None
+    """How many items the loss is a mean over, when that is not ``num_tokens`` (rows for a
+    sequence mean). Data parallelism weights each rank's loss by its share of the units, so
+    the ranks together compute exactly the loss of the whole batch."""
+
+    @property
+    def weight(self) -> float:
+        """The units of this loss's mean: ``units``, else ``num_tokens``."""
+        return float(self.num_tokens if self.units is None else self.units)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

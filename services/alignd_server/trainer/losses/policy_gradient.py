@@ -96,6 +96,7 @@ def policy_gradient(
         loss=_reduce(per_token, mask, aggregation),
         metrics=metrics,
         num_tokens=token_count(mask),
+        units=int(mask.bool().any(-1).sum()) if aggregation == "sequence_mean" else None,
     )
 
 

@@ -1,0 +1,439 @@
+"""Data parallelism: N ranks under ``torch.distributed``, driven by rank 0's gRPC server.
+
+``alignd serve trainer --nproc N`` starts N ranks with torchrun (gloo on CPU, NCCL on GPU).
+Rank 0 serves gRPC; every other rank runs :func:`worker_loop`. For each primitive rank 0
+broadcasts a command (a JSON header and, for batches, a safetensors blob: no pickle), and
+every rank runs the same code on its shard:
+
+* ``ForwardBackward``: rows (pairs, for pairwise losses; KTO's KL rows go to every rank, so
+  its reference point is the whole batch's) are split into N contiguous shards. Each rank
+  weights its loss by its share of the loss's units (tokens, pairs or sequences), so the
+  ranks' gradients add up to exactly the gradient of the whole batch's loss, and the reported
+  loss and metrics are the unit-weighted means over ranks.
+* ``OptimStep``: gradients are summed across ranks (all-reduce), then every rank clips and
+  steps identically, so the replicas stay equal.
+* ``Forward``: rows are split; the outputs are gathered on rank 0.
+* ``LoadCheckpoint``: every rank reads the checkpoint (a volume all nodes mount);
+  ``SaveCheckpoint`` and ``PushWeights`` run on rank 0 alone.
+
+A rank that fails a command tells the others through a status all-reduce, so an error never
+leaves the group waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+from alignd_server.common.errors import AligndError, FailedPrecondition, InvalidArgument
+from alignd_server.common.server import configure_logging
+from alignd_server.trainer import checkpoint
+from alignd_server.trainer.config import (
+    RankEnvironment,
+    TrainerSettings,
+    settings_environment,
+)
+from alignd_server.trainer.engine import Batch, InitSpec, TrainerEngine
+from alignd_server.trainer.lora import LoraSpec
+from alignd_server.trainer.losses import LossOutput
+
+log = logging.getLogger(__name__)
+PAIRWISE = {"dpo", "bradley_terry"}
+MAX_METRICS = 64
+BUCKET = 1 << 24
+"""Gradient elements all-reduced at once."""
+
+
+class LocalExecutor:
+    """One process: the primitives call the engine directly."""
+
+    world_size, backend = 1, ""
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.device = settings.device
+
+    def start(self) -> None:
+        """Nothing to join."""
+
+    def initialize(self, spec: InitSpec) -> TrainerEngine:
+        return TrainerEngine(spec, self.device)
+
+    def forward_backward(self, engine, batch, loss, params, scale, temperature):
+        return engine.forward_backward(batch, loss, params, scale, temperature)
+
+    def optim_step(self, engine: TrainerEngine):
+        return engine.optim_step()
+
+    def forward(self, engine, batch, outputs, temperature):
+        return engine.forward(batch, outputs, temperature)
+
+    def load(self, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
+        return checkpoint.load(engine, path, load_optimizer)
+
+    def ping(self) -> None:
+        """Nothing to keep alive."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class Group:
+    """This process's place in the torch.distributed group, and the command channel."""
+
+    def __init__(self, settings: TrainerSettings, env: RankEnvironment) -> None:
+        self.rank, self.world_size = env.rank, env.world_size
+        cuda = settings.device.startswith("cuda")
+        self.device = f"cuda:{env.local_rank}" if cuda else settings.device
+        backend = settings.dist_backend
+        self.backend = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+        self.timeout = timedelta(seconds=settings.dist_timeout_s)
+
+    def join(self) -> None:
+        """Blocks until every rank has joined (torchrun's rendezvous variables)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(self.backend, timeout=self.timeout)
+        log.info("rank %d of %d joined (%s)", self.rank, self.world_size, self.backend)
+
+    def _tensor(self, data: torch.Tensor) -> torch.Tensor:
+        return data.to(self.device) if self.backend == "nccl" else data
+
+    def send(self, op: str, header: dict | None = None, blob: bytes = b"") -> None:
+        """Rank 0: broadcasts a command to every rank."""
+        text = json.dumps({"op": op, **(header or {})}).encode()
+        sizes = self._tensor(torch.tensor([len(text), len(blob)], dtype=torch.int64))
+        dist.broadcast(sizes, src=0)
+        payload = np.frombuffer(text + blob, dtype=np.uint8).copy()
+        dist.broadcast(self._tensor(torch.from_numpy(payload)), src=0)
+
+    def receive(self) -> tuple[dict, bytes]:
+        """Other ranks: waits for rank 0's next command."""
+        sizes = self._tensor(torch.zeros(2, dtype=torch.int64))
+        dist.broadcast(sizes, src=0)
+        text_size, blob_size = (int(v) for v in sizes.cpu())
+        payload = self._tensor(torch.zeros(text_size + blob_size, dtype=torch.uint8))
+        dist.broadcast(payload, src=0)
+        data = payload.cpu().numpy().tobytes()
+        return json.loads(data[:text_size]), data[text_size:]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks."""
+        tensor = self._tensor(torch.tensor(values, dtype=torch.float64))
+        dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def agree(self, error: AligndError | None) -> None:
+        """Raises on every rank if any rank failed (rank 0 raises its own error if it has one)."""
+        failed = self.sum([1.0 if error is not None else 0.0])[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise InvalidArgument("batch", f"{int(failed)} other rank(s) rejected their shard")
+
+    def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Sums every parameter's gradient over ranks, in flat buckets."""
+        grads = []
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (size == 0 or size + grads[end].numel() <= BUCKET):
+                size += grads[end].numel()
+                end += 1
+            flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads[start:end]:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = end
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ParallelExecutor:
+    """Rank 0's side: broadcasts each primitive, then runs its own share of it."""
+
+    def __init__(self, settings: TrainerSettings, env: RankEnvironment) -> None:
+        self.group = Group(settings, env)
+        self.world_size, self.backend = env.world_size, self.group.backend
+
+    def start(self) -> None:
+        self.group.join()
+
+    def initialize(self, spec: InitSpec) -> TrainerEngine:
+        self.group.send("initialize", {"spec": dataclasses.asdict(spec)})
+        return _initialize(self.group, spec)
+
+    def forward_backward(self, engine, batch, loss, params, scale, temperature):
+        header = {"loss": loss, "params": params, "scale": scale, "temperature": temperature}
+        self.group.send("forward_backward", header, encode_batch(batch))
+        return _forward_backward(self.group, engine, batch, loss, params, scale, temperature)
+
+    def optim_step(self, engine: TrainerEngine):
+        if engine.accumulated == 0:
+            raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
+        self.group.send("optim_step")
+        return engine.optim_step()
+
+    def forward(self, engine, batch, outputs, temperature):
+        header = {"outputs": sorted(outputs), "temperature": temperature}
+        self.group.send("forward", header, encode_batch(batch))
+        return _forward(self.group, engine, batch, set(outputs), temperature)
+
+    def load(self, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
+        self.group.send("load", {"path": path, "load_optimizer": load_optimizer})
+        return _load(self.group, engine, path, load_optimizer)
+
+    def ping(self) -> None:
+        """Keeps idle ranks' waits shorter than the collective timeout."""
+        self.group.send("ping")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            self.group.send("shutdown")
+        self.group.close()
+
+
+def launch(settings: TrainerSettings) -> int | None:
+    """Starts the ranks when ``settings`` asks for more than one.
+
+    Returns ``None`` when this process should serve gRPC (one rank, or rank 0 under torchrun),
+    else this rank's exit code. Outside torchrun with ``nproc``/``nnodes`` > 1, replaces this
+    process with torchrun (so signals sent to this pid reach torchrun, which passes them on);
+    every rank gets the resolved settings as ``ALIGND_*`` variables.
+    """
+    env = RankEnvironment()
+    if env.torchelastic_run_id is None and settings.nproc * settings.nnodes > 1:
+        os.environ.update(settings_environment(settings))
+        os.execv(sys.executable, [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc-per-node={settings.nproc}", f"--nnodes={settings.nnodes}",
+            f"--node-rank={settings.node_rank}", f"--master-addr={settings.master_addr}",
+            f"--master-port={settings.master_port}", "-m", "alignd_server.trainer",
+        ])  # fmt: skip
+    if env.rank == 0:
+        return None
+    configure_logging(settings.log_level)
+    return worker_loop(settings, env)
+
+
+def executor(settings: TrainerSettings) -> LocalExecutor | ParallelExecutor:
+    """The executor of this process: parallel when torchrun started several ranks."""
+    env = RankEnvironment()
+    return ParallelExecutor(settings, env) if env.world_size > 1 else LocalExecutor(settings)
+
+
+def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> int:
+    """Ranks other than 0: run rank 0's commands until it says shut down."""
+    # torchrun passes SIGTERM on to every rank; these leave when rank 0 has drained.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    group = Group(settings, env)
+    group.join()
+    engine: TrainerEngine | None = None
+    while True:
+        header, blob = group.receive()
+        if header["op"] == "shutdown":
+            break
+        if header["op"] == "initialize":
+            engine = None  # the old model goes first, as on rank 0
+        try:
+            engine = _follow(group, engine, header, blob)
+        except AligndError as err:
+            log.warning("rank %d: %s failed: %s", group.rank, header["op"], err)
+    group.close()
+    return 0
+
+
+def _follow(group: Group, engine: TrainerEngine | None, header: dict, blob: bytes):
+    """Runs one of rank 0's commands on this rank; returns the engine it leaves."""
+    op = header["op"]
+    if op == "initialize":
+        return _initialize(group, _spec(header["spec"]))
+    if op == "forward_backward":
+        batch, temperature = decode_batch(blob), header["temperature"]
+        _forward_backward(
+            group, engine, batch, header["loss"], header["params"], header["scale"], temperature
+        )
+    elif op == "optim_step":
+        engine.optim_step()
+    elif op == "forward":
+        _forward(group, engine, decode_batch(blob), set(header["outputs"]), header["temperature"])
+    elif op == "load":
+        _load(group, engine, header["path"], header["load_optimizer"])
+    return engine
+
+
+def _spec(data: dict) -> InitSpec:
+    lora = LoraSpec(**data["lora"]) if data.get("lora") else None
+    return InitSpec(**{**data, "betas": tuple(data["betas"]), "lora": lora})
+
+
+def _initialize(group: Group, spec: InitSpec) -> TrainerEngine:
+    engine, error = None, None
+    try:
+        engine = TrainerEngine(spec, group.device)
+        engine.reduce_gradients = group.reduce_gradients
+    except AligndError as err:
+        error = err
+    except (OSError, ValueError) as err:
+        error = InvalidArgument("model_path", str(err))
+    group.agree(error)
+    return engine
+
+
+def _load(group: Group, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
+    step, error = 0, None
+    try:
+        step = checkpoint.load(engine, path, load_optimizer)
+    except AligndError as err:
+        error = err
+    group.agree(error)
+    return step
+
+
+def shard(batch: Batch, loss: str, rank: int, world_size: int) -> Batch | None:
+    """The rows of ``batch`` rank ``rank`` computes ``loss`` on (``None``: nothing for it).
+
+    Pairwise losses keep each chosen row with its rejected row; KTO's KL rows go to every
+    rank, its labelled rows are split.
+    """
+    rows = len(batch.rows)
+    if loss in PAIRWISE:
+        pairs = np.array_split(np.arange(rows // 2), world_size)[rank]
+        index = np.concatenate([pairs, pairs + rows // 2])
+        by_pair = pairs
+    elif loss == "kto" and "kl_rows" in batch.sequence_inputs:
+        kl = batch.sequence_inputs["kl_rows"].astype(bool)
+        mine = np.array_split(np.flatnonzero(~kl), world_size)[rank]
+        pairs, index, by_pair = mine, np.sort(np.concatenate([mine, np.flatnonzero(kl)])), None
+    else:
+        index = pairs = np.array_split(np.arange(rows), world_size)[rank]
+        by_pair = None
+    if len(pairs) == 0:
+        return None
+    return _take(batch, index, by_pair)
+
+
+def _take(batch: Batch, index: np.ndarray, by_pair: np.ndarray | None) -> Batch:
+    def rows_of(values):
+        return [values[i] for i in index]
+
+    sequence = {}
+    for name, values in batch.sequence_inputs.items():
+        pick = by_pair if by_pair is not None and len(values) * 2 == len(batch.rows) else index
+        sequence[name] = values[pick]
+    return Batch(
+        rows=rows_of(batch.rows), prompts=batch.prompts[index],
+        completion_mask=None if batch.completion_mask is None else rows_of(batch.completion_mask),
+        token_inputs={k: rows_of(v) for k, v in batch.token_inputs.items()},
+        sequence_inputs=sequence,
+    )  # fmt: skip
+
+
+def _forward_backward(group, engine, batch, loss, params, scale, temperature):
+    part = shard(batch, loss, group.rank, group.world_size)
+    output, error = None, None
+    if part is not None:
+        try:
+            output = engine.compute_loss(part, loss, params, temperature)
+        except AligndError as err:
+            error = err
+    keys = sorted(output.metrics) if output is not None else []
+    units = output.weight if output is not None else 0.0
+    values = [0.0] * (4 + MAX_METRICS)
+    values[0] = 1.0 if error is not None else 0.0
+    if output is not None:
+        values[1:4] = [units, float(output.num_tokens), float(output.loss.detach()) * units]
+        for i, key in enumerate(keys[:MAX_METRICS]):
+            values[4 + i] = output.metrics[key] * units
+    totals = group.sum(values)
+    if totals[0]:
+        raise error or InvalidArgument("batch", f"{int(totals[0])} rank(s) rejected their shard")
+    total_units = max(totals[1], 1e-30)
+    if output is not None:
+        engine.backward(output, scale * units / total_units)
+    else:
+        engine.accumulated += 1
+    metrics = {k: totals[4 + i] / total_units for i, k in enumerate(keys[:MAX_METRICS])}
+    combined = LossOutput(torch.tensor(totals[3] / total_units), metrics, int(totals[2]))
+    return combined, engine.accumulated
+
+
+def _forward(group, engine, batch, outputs: set[str], temperature: float) -> dict:
+    """Each rank computes its rows; rank 0 gets every row back in order."""
+    splits = np.array_split(np.arange(len(batch.rows)), group.world_size)
+    mine = splits[group.rank]
+    result, error = {}, None
+    if len(mine):
+        try:
+            result = engine.forward(_take(batch, mine, None), outputs, temperature)
+        except AligndError as err:
+            error = err
+    group.agree(error)
+    lengths = [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]
+    width, height = max(lengths), max(len(s) for s in splits)
+    gathered: dict = {}
+    for name in sorted(outputs):
+        local = torch.zeros((height, 1 if name == "rewards" else width), dtype=torch.float32)
+        for i, row in enumerate(result.get(name, [])):
+            values = np.atleast_1d(np.asarray(row, dtype=np.float32))
+            local[i, : len(values)] = torch.from_numpy(values)
+        parts = [group._tensor(torch.zeros_like(local)) for _ in range(group.world_size)]
+        dist.all_gather(parts, group._tensor(local))
+        rows = [parts[r][i].cpu().numpy() for r, s in enumerate(splits) for i in range(len(s))]
+        if name == "rewards":
+            gathered[name] = np.array([row[0] for row in rows], dtype=np.float32)
+        else:
+            gathered[name] = [row[:n].copy() for row, n in zip(rows, lengths, strict=True)]
+    return gathered
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """A batch as one safetensors blob (flat arrays plus row lengths)."""
+    arrays = {
+        "rows": np.concatenate(batch.rows).astype(np.int64),
+        "lengths": np.array([len(r) for r in batch.rows], dtype=np.int64),
+        "prompts": np.asarray(batch.prompts, dtype=np.int64),
+    }
+    if batch.completion_mask is not None:
+        arrays["completion_mask"] = np.concatenate(batch.completion_mask).astype(np.float32)
+    for name, rows in batch.token_inputs.items():
+        arrays[f"token.{name}"] = np.concatenate(rows).astype(np.float32)
+    for name, values in batch.sequence_inputs.items():
+        arrays[f"sequence.{name}"] = np.asarray(values, dtype=np.float32)
+    return save_arrays(arrays)
+
+
+def decode_batch(blob: bytes) -> Batch:
+    """The inverse of :func:`encode_batch`."""
+    arrays = load_arrays(blob)
+    lengths = arrays["lengths"]
+    prompts = arrays["prompts"]
+    rows = np.split(arrays["rows"].astype(np.int32), np.cumsum(lengths)[:-1])
+    completion = np.cumsum(lengths - prompts)[:-1]
+    batch = Batch(rows=list(rows), prompts=prompts)
+    for key, values in arrays.items():
+        if key == "completion_mask":
+            batch.completion_mask = list(np.split(values, completion))
+        elif key.startswith("token."):
+            batch.token_inputs[key[len("token.") :]] = list(np.split(values, completion))
+        elif key.startswith("sequence."):
+            batch.sequence_inputs[key[len("sequence.") :]] = values
+    return batch
