@@ -18,6 +18,7 @@ from alignd_server.common.validation import positive
 from alignd_server.trainer import checkpoint, convert, parallel, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
+from alignd_server.trainer.metrics import TrainerMetrics
 
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 OUTPUTS = {
@@ -40,6 +41,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.started_at = time.time()
         self.engine: TrainerEngine | None = None
         self.executor = parallel.executor(settings)
+        self.metrics = TrainerMetrics(metrics.registry)
+        self.metrics.world_size.set(self.executor.world_size)
         self._heartbeat: asyncio.Task | None = None
 
     def register(self, server: aio.Server) -> None:
@@ -95,6 +98,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         output, accumulated = await self._run(
             self.executor.forward_backward, engine, batch, name, params, scale, temperature
         )
+        self.metrics.loss.labels(name).set(float(output.loss.detach()))
+        self.metrics.tokens.inc(output.num_tokens)
         return trainer_pb2.ForwardBackwardResponse(
             loss=float(output.loss.detach()), metrics=output.metrics, num_tokens=output.num_tokens,
             accumulated_batches=accumulated,
@@ -102,6 +107,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def OptimStep(self, request, context) -> trainer_pb2.OptimStepResponse:
         norm, lr, step = await self._run(self.executor.optim_step, self._engine())
+        self.metrics.step.set(step)
+        self.metrics.learning_rate.set(lr)
+        self.metrics.grad_norm.set(norm)
         return trainer_pb2.OptimStepResponse(grad_norm=norm, learning_rate=lr, step=step)
 
     async def Forward(self, request, context) -> trainer_pb2.ForwardResponse:
@@ -125,13 +133,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def SaveCheckpoint(self, request, context) -> trainer_pb2.SaveCheckpointResponse:
         engine = self._engine()
         include = request.include_optimizer if request.HasField("include_optimizer") else True
-        size = await self._run(checkpoint.save, engine, request.path, include)
+        with self.metrics.checkpoint_seconds.time():
+            size = await self._run(checkpoint.save, engine, request.path, include)
         return trainer_pb2.SaveCheckpointResponse(path=request.path, bytes=size, step=engine.step)
 
     async def LoadCheckpoint(self, request, context) -> trainer_pb2.LoadCheckpointResponse:
         engine = self._engine()
         optimizer = request.load_optimizer if request.HasField("load_optimizer") else True
         step = await self._run(self.executor.load, engine, request.path, optimizer)
+        self.metrics.step.set(step)
         return trainer_pb2.LoadCheckpointResponse(step=step)
 
     async def PushWeights(self, request, context) -> trainer_pb2.PushWeightsResponse:
@@ -150,11 +160,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         timeout = request.timeout_seconds or 300.0
         if not timeout > 0:
             raise InvalidArgument("timeout_seconds", f"must be > 0, got {timeout}")
-        weights = await self._run(push.policy_weights, engine.model)
-        results = await push.push(
-            weights, [t.address for t in request.targets], request.version, timeout,
-            request.shared_path, self.settings,
-        )  # fmt: skip
+        with self.metrics.push_seconds.time():
+            weights = await self._run(push.policy_weights, engine.model)
+            results = await push.push(
+                weights, [t.address for t in request.targets], request.version, timeout,
+                request.shared_path, self.settings,
+            )  # fmt: skip
+        self.metrics.push_bytes.inc(sum(r.bytes for r in results))
         if any(r.ok for r in results):
             engine.pushed_version = request.version
         return trainer_pb2.PushWeightsResponse(results=results)

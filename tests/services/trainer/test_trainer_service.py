@@ -336,3 +336,28 @@ def test_bad_trainer_requests_name_the_field(serve, tiny_models, method, request
         initialize(client, tiny_models.causal_lm)
         with pytest.raises(InvalidArgumentError, match=message):
             client._call(method, request_)
+
+
+def test_trainer_metrics_report_step_loss_lr_and_grad_norm(serve, tiny_models, tmp_path):
+    import urllib.request
+
+    server = serve("trainer")
+    with TrainerClient(server.target) as client:
+        initialize(client, tiny_models.causal_lm)
+        loss = client._call("ForwardBackward", FB(batch=batch(), loss=SFT)).loss
+        step = client._call("OptimStep", trainer_pb2.OptimStepRequest())
+        client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(tmp_path / "c")))
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = response.read().decode()
+    values = {}
+    for line in page.splitlines():
+        if line.startswith("alignd_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["alignd_trainer_step"] == 1
+    assert values['alignd_trainer_loss{loss="cross_entropy"}'] == pytest.approx(loss, rel=1e-6)
+    assert values["alignd_trainer_learning_rate"] == pytest.approx(step.learning_rate)
+    assert values["alignd_trainer_grad_norm"] == pytest.approx(step.grad_norm, rel=1e-6)
+    assert values["alignd_trainer_tokens_total"] == 7
+    assert values["alignd_checkpoint_seconds_count"] == 1
