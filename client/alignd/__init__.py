@@ -21,6 +21,7 @@ from alignd.clients import (
 from alignd.clients.generation import Completion, SamplingParams
 from alignd.clients.trainer import TrainBatch
 from alignd.errors import AligndError
+from alignd.platform import Platform
 
 __all__ = [
     "AligndError",
@@ -30,6 +31,7 @@ __all__ = [
     "AsyncTrainerClient",
     "Completion",
     "GenerationClient",
+    "Platform",
     "ReferenceClient",
     "RewardClient",
     "SamplingParams",

@@ -1,8 +1,10 @@
 """The ``alignd`` command line.
 
 ``alignd serve ROLE`` runs a service, ``alignd models`` prepares and lists the bundled models,
-``alignd demo`` runs the main job. Server-side commands import ``alignd_server`` lazily, so the
-SDK alone (without the ``serve`` extra) still gives ``alignd models list`` and ``--help``.
+``alignd demo`` runs the main job, ``alignd up`` / ``status`` / ``down`` start, inspect and stop
+a local platform (the four services on loopback). Server-side commands import
+``alignd_server`` lazily, so the SDK alone (without the ``serve`` extra) still gives
+``alignd models list`` and ``--help``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,121 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(home=args.home)
 
 
+def _table(rows: Sequence[Sequence[object]]) -> str:
+    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from alignd.platform import STATE_FILE, Platform, PlatformConfigError
+
+    models = {role: getattr(args, f"model_{role}") for role in ROLES}
+    try:
+        platform = Platform.local(
+            args.dir,
+            roles=args.roles,
+            models={role: model for role, model in models.items() if model},
+            home=args.home,
+            token_file=args.token_file,
+            detach=True,
+            ready_timeout=args.timeout,
+        )
+    except (OSError, RuntimeError, ValueError, PlatformConfigError) as err:
+        print(f"alignd up: {err}", file=sys.stderr)
+        return 1
+    with platform:
+        rows = [("ROLE", "TARGET", "PID", "MODEL", "LOG")]
+        for role, p in platform.processes.items():
+            rows.append((role, p.target, p.pid, p.model, p.log))
+        print(_table(rows))
+        print(
+            f"state: {platform.directory / STATE_FILE}  (stop with: alignd down --dir "
+            f"{platform.directory})"
+        )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from alignd.platform import Platform, PlatformConfigError, default_directory
+
+    try:
+        if args.config:
+            platform = Platform.from_yaml(args.config)
+        else:
+            platform = Platform.from_state(args.dir or default_directory(args.home))
+    except (OSError, PlatformConfigError) as err:
+        print(f"alignd status: {err}", file=sys.stderr)
+        return 1
+    with platform:
+        statuses = platform.status(timeout=args.timeout)
+    rows = [("ROLE", "TARGET", "HEALTH", "MODEL", "ENGINE", "WEIGHTS")]
+    for s in statuses:
+        version = "-" if s.weights_version is None else s.weights_version
+        rows.append((s.role, s.target, s.health, s.model or "-", s.engine or "-", version))
+    print(_table(rows))
+    for s in statuses:
+        if s.detail:
+            print(f"{s.role} {s.target}: {s.detail}", file=sys.stderr)
+    return 0 if all(s.serving for s in statuses) else 1
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from alignd.platform import default_directory, stop_local
+
+    try:
+        outcome = stop_local(args.dir or default_directory(args.home), timeout=args.timeout)
+    except OSError as err:
+        print(f"alignd down: {err}", file=sys.stderr)
+        return 1
+    print(_table([("ROLE", "RESULT"), *outcome.items()]))
+    return 0
+
+
+def _add_platform_commands(commands: argparse._SubParsersAction) -> None:
+    where = "platform directory (default $ALIGND_HOME/platform)"
+    home = "alignd home (default $ALIGND_HOME)"
+    up = commands.add_parser("up", help="start a local platform: the services on 127.0.0.1")
+    up.add_argument("--dir", default=None, help=where)
+    up.add_argument("--home", default=None, help=f"{home}; bundled models resolve there")
+    up.add_argument(
+        "--roles",
+        nargs="+",
+        choices=ROLES,
+        default=list(ROLES),
+        metavar="ROLE",
+        help=f"services to start (default: all of {', '.join(ROLES)})",
+    )
+    for role in ROLES:
+        up.add_argument(
+            f"--model-{role}",
+            default=None,
+            metavar="MODEL",
+            help=f"bundled model name or directory for {role}",
+        )
+    up.add_argument("--token-file", default=None, help="bearer tokens the services require")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+    up.set_defaults(func=_cmd_up)
+
+    status = commands.add_parser("status", help="health, model and weights of each service")
+    source = status.add_mutually_exclusive_group()
+    source.add_argument("--dir", default=None, help=f"local {where}")
+    source.add_argument("--config", default=None, help="platform YAML (services, tls, token)")
+    status.add_argument("--home", default=None, help=home)
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
+    status.set_defaults(func=_cmd_status)
+
+    down = commands.add_parser("down", help="stop the local platform (SIGTERM, then SIGKILL)")
+    down.add_argument("--dir", default=None, help=where)
+    down.add_argument("--home", default=None, help=home)
+    down.add_argument("--timeout", type=float, default=30.0, help="seconds before SIGKILL")
+    down.set_defaults(func=_cmd_down)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``alignd`` argument parser."""
     parser = argparse.ArgumentParser(prog="alignd", description="RLHF as a platform.")
@@ -85,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job end to end on local services")
     demo.add_argument("--home", default=None, help="cache directory (default $ALIGND_HOME)")
     demo.set_defaults(func=_cmd_demo)
+    _add_platform_commands(commands)
     return parser
 
 

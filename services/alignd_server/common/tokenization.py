@@ -8,7 +8,9 @@ A prompt is one of:
 * plain text: encoded with the tokenizer's own special tokens (e.g. a BOS), no chat template;
 * a chat, a list of ``{"role", "content"}`` messages: rendered with the tokenizer's chat
   template with ``add_generation_prompt=True``, then encoded without adding special tokens
-  (the template already writes them);
+  (the template already writes them). A tokenizer without a chat template (an encoder reward
+  model such as MiniLM) reads the messages' contents joined by newlines, as plain text, so a
+  reward model is trained and served on the same layout;
 * token ids: passed through after checking them against the vocabulary.
 
 The completion is encoded on its own (no special tokens) and appended to the prompt's ids,
@@ -90,10 +92,6 @@ def _check_ids(ids: Any, vocab_size: int, field: str) -> list[int]:
 
 
 def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgument(
-            field, "this model's tokenizer has no chat template; send plain text or token ids"
-        )
     for j, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidArgument(f"{field}[{j}]", "every message must be a {role, content} map")
@@ -102,6 +100,8 @@ def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
             if not isinstance(value, str) or not value:
                 raise InvalidArgument(f"{field}[{j}].{key}", "must be a non-empty string")
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n".join(m["content"] for m in chat)
     try:
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     except TemplateError as err:  # e.g. roles that do not alternate as the template requires
@@ -115,7 +115,8 @@ def _prompt_ids(tokenizer: Any, prompt: Any, field: str) -> list[int]:
         ids = _check_ids(prompt, len(tokenizer), field)
     elif isinstance(prompt, Sequence):
         text = _render_chat(tokenizer, prompt, field)
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        ids = list(tokenizer.encode(text, add_special_tokens=not templated))
     else:
         kind = type(prompt).__name__
         raise InvalidArgument(field, f"must be text, a list of messages or token ids, not {kind}")

@@ -118,17 +118,12 @@ class ModelScorer:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    def _prompt(self, prompt: PromptValue) -> PromptValue:
-        if isinstance(prompt, str) or self.loaded.has_chat_template:
-            return prompt
-        return "\n".join(m["content"] for m in prompt)  # no template: the turns as plain text
-
     def tokenize(self, inputs: Sequence[ScoreInput]) -> list[np.ndarray]:
         """(T_i,) int32 token rows; over-long items are rejected, naming their fields."""
         return [
             tokenize(
                 self.loaded.tokenizer,
-                self._prompt(item.prompt),
+                item.prompt,
                 item.response,
                 max_length=self.settings.max_sequence_length,
                 field=item.prompt_field,

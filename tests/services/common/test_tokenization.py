@@ -204,9 +204,12 @@ def test_bad_completion_ids_name_the_completion_field(tok):
     assert excinfo.value.field == "items[1].completion[1]"
 
 
-def test_chat_needs_a_chat_template(bert_tok):
-    with pytest.raises(InvalidArgument, match="no chat template"):
-        tokenize(bert_tok, CHAT, max_length=64)
+def test_without_a_chat_template_a_chat_reads_as_its_contents(bert_tok):
+    as_text = "\n".join(m["content"] for m in CHAT)
+    got = tokenize(bert_tok, CHAT, "Fine.", max_length=64)
+    want = tokenize(bert_tok, as_text, "Fine.", max_length=64)
+    assert got.input_ids.tolist() == want.input_ids.tolist()
+    assert got.prompt_length == want.prompt_length
 
 
 def test_batch_matches_single_calls_and_names_items(tok):

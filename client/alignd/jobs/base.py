@@ -1,0 +1,193 @@
+"""What every job does around its own algorithm: the run directory, the trainer's lifecycle,
+checkpoints and resume, retries against restarting services, phase timings and progress.
+
+A job subclass implements :meth:`Job.setup` (load its data), :meth:`Job.prepare`
+(tokenize it once the trainer holds the model) and
+:meth:`Job.train_step` (one optimizer step, returning its metrics); :meth:`Job.run` drives
+them, yielding each step's metrics. Steps are deterministic functions of ``(seed, step)``, so
+a resumed run repeats exactly the steps an uninterrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from alignd.errors import (
+    AbortedError,
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from alignd.jobs.config import JobConfig
+from alignd.jobs.rundir import RunDirectory
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TRANSIENT = (UnavailableError, DeadlineExceededError, ResourceExhaustedError, AbortedError)
+"""Errors a restarting or overloaded service gives; calls are retried on them."""
+
+
+class Job:
+    """Base of every job.
+
+    Args:
+        config: the job's config.
+        platform: an :class:`alignd.Platform` with the services the job needs.
+        resume: continue the run in ``config.run_dir``.
+        progress: show a progress bar (rate and ETA) on stderr.
+    """
+
+    kind = "job"
+    model_kind = "causal_lm"
+
+    def __init__(self, config: JobConfig, platform, *, resume: bool = False,
+                 progress: bool = True) -> None:  # fmt: skip
+        self.config = config
+        self.platform = platform
+        self.run_dir = RunDirectory(config.run_dir, config, resume=resume)
+        self.progress = progress
+        self.timings: dict[str, float] = defaultdict(float)
+        self.total_steps = 0
+
+    # ---- what subclasses provide -------------------------------------------------------
+
+    def setup(self) -> None:
+        """Loads the data; sets ``self.total_steps``."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """After the trainer holds the model: tokenize, precompute (nothing by default)."""
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Runs optimizer step ``step`` (1-based); returns its metrics."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics (``eval/...``); none by default."""
+        return {}
+
+    def after_checkpoint(self, step: int, path) -> None:
+        """Called after each checkpoint (PPO pushes weights here, for instance)."""
+
+    # ---- the driver ----------------------------------------------------------------------
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        """Runs the job to its last step, yielding each logged row of metrics."""
+        with self.phase("setup"):
+            self.setup()
+            self.initialize_trainer()
+            self.prepare()
+        start = self.run_dir.step
+        if start:
+            self.call(self.platform.trainer.load_checkpoint, self.run_dir.state["checkpoint"])
+            log.info("%s: resumed at step %d of %d", self.kind, start, self.total_steps)
+        bar = self._progress(start)
+        try:
+            for step in range(start + 1, self.total_steps + 1):
+                metrics = self.train_step(step)
+                last = step == self.total_steps
+                if last or (self.config.eval_every and step % self.config.eval_every == 0):
+                    with self.phase("eval"):
+                        metrics.update(self.evaluate(step))
+                if last or (self.config.save_every and step % self.config.save_every == 0):
+                    self.save(step, final=last)
+                metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+                row = self.run_dir.log(step, metrics)
+                self.timings.clear()  # the first step's row also carries the setup phases
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_summary(metrics), refresh=False)
+                yield row
+        finally:
+            if bar is not None:
+                bar.close()
+            self.run_dir.plot()
+            self.run_dir.close()
+
+    def run_to_end(self) -> list[dict[str, Any]]:
+        """Runs the job and returns every row it logged."""
+        return list(self.run())
+
+    def initialize_trainer(self) -> None:
+        """Loads the job's model into the trainer with the configured optimizer."""
+        o = self.config.optim
+        lora = None
+        if o.lora is not None:
+            from alignd.clients.trainer import LoraConfig
+
+            lora = LoraConfig(o.lora.r, o.lora.alpha, o.lora.dropout, tuple(o.lora.target_modules))
+        self.call(
+            self.platform.trainer.initialize, self.config.model, self.model_kind, lr=o.lr,
+            betas=o.betas, weight_decay=o.weight_decay, schedule=o.schedule,
+            warmup_steps=o.warmup_steps, total_steps=max(self.total_steps, o.warmup_steps + 1),
+            max_grad_norm=o.max_grad_norm or None, seed=self.config.seed,
+            gradient_checkpointing=o.gradient_checkpointing, lora=lora,
+        )  # fmt: skip
+
+    def save(self, step: int, final: bool = False) -> None:
+        """Checkpoints the trainer, then records the step in state.json (in that order, so a
+        crash mid-save leaves the previous checkpoint and state in force)."""
+        path = self.run_dir.checkpoint("final" if final else step)
+        with self.phase("checkpoint"):
+            self.call(self.platform.trainer.save_checkpoint, str(path.resolve()))
+        self.run_dir.save_state(step=step, checkpoint=str(path.resolve()), done=final,
+                                **self.extra_state())  # fmt: skip
+        self.after_checkpoint(step, path)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What else a resumed run needs (e.g. the adaptive KL coefficient)."""
+        return {}
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to this step's ``time/<name>``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - start
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Calls ``fn``, retrying transient failures with exponential backoff for up to
+        ``config.retry_seconds`` (a service being restarted comes back within that)."""
+        deadline = time.monotonic() + self.config.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except TRANSIENT as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", _name(fn), err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def rng(self, step: int) -> random.Random:
+        """The random generator of ``step`` (the same on a resumed run)."""
+        return random.Random(self.config.seed * 1_000_003 + step)
+
+    def _progress(self, start: int):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        name = self.config.name or self.kind
+        return tqdm(total=self.total_steps, initial=start, desc=name, unit="step",
+                    dynamic_ncols=True, leave=True)  # fmt: skip
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+
+
+def _summary(metrics: dict[str, float]) -> dict[str, str]:
+    keys = [k for k in ("loss", "reward", "accuracy", "kl") if k in metrics]
+    return {k: f"{metrics[k]:.3g}" for k in keys}

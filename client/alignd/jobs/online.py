@@ -1,0 +1,222 @@
+"""The online jobs: PPO (with a value head) and GRPO / RLOO (group baselines, no critic).
+
+One step of these jobs is one round: sample completions of a batch of prompts from the
+generation service, score them with the reward service, compute reference log-probs, then
+train on them and push the new weights to every generation replica (version = round).
+The numpy math (KL shaping, GAE, whitening, group baselines) is :mod:`alignd.algorithms`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignd import algorithms as alg
+from alignd import losses
+from alignd.clients.generation import SamplingParams
+from alignd.clients.trainer import TrainBatch
+from alignd.jobs.base import Job
+from alignd.jobs.batches import chunks, load_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One round's samples. Per-token arrays are (B, T) right-padded with ``mask``."""
+
+    prompts: list
+    rows: list[np.ndarray]  # B × (P_i + T_i) token ids
+    prompt_lengths: list[int]
+    texts: list[str]
+    scores: np.ndarray  # (B,) raw reward-service scores
+    eos: np.ndarray  # (B,) whether the completion ended with EOS
+    ref_logprobs: np.ndarray  # (B, T)
+    mask: np.ndarray  # (B, T)
+
+    def batch(self, index, **token_inputs: np.ndarray) -> TrainBatch:
+        """The rows ``index`` with the named (B, T) per-token inputs, unpadded."""
+        return TrainBatch(
+            [self.rows[i] for i in index], [self.prompt_lengths[i] for i in index],
+            token_inputs={k: alg.unpad(v[index], self.mask[index])
+                          for k, v in token_inputs.items()},
+        )  # fmt: skip
+
+
+class _Online(Job):
+    """Rounds of generate → score → reference → train → push."""
+
+    def setup(self) -> None:
+        c = self.config
+        self.prompts, self.held = load_split(c.data, "prompt", c.seed)
+        self.total_steps = c.rounds
+        self.version = 0
+
+    def initialize_trainer(self) -> None:
+        super().initialize_trainer()
+        self.version = -1  # generation holds other weights until the first push
+
+    def _sync_weights(self, version: int) -> None:
+        """Makes every generation replica serve the trainer's weights as ``version``."""
+        targets = self.platform.generation_targets
+        with self.phase("weight_sync"):
+            results = self.call(self.platform.trainer.push_weights, targets, version)
+        failed = [f"{r.address}: {r.error}" for r in results if not r.ok]
+        if failed:
+            raise RuntimeError("weight push failed: " + "; ".join(failed))
+        self.version = version
+
+    def _ensure_weights(self, version: int) -> None:
+        """Pushes again if a replica restarted (it came back with its initial weights)."""
+        stale = self.version != version or any(
+            self.call(client.info).weights_version != version
+            for client in self.platform.generation_clients()
+        )
+        if stale:
+            self._sync_weights(version)
+
+    def rollout(self, step: int, group: int = 1) -> Rollout:
+        """Samples ``group`` completions of each of the round's prompts and scores them."""
+        c, rng = self.config, self.rng(step)
+        picked = rng.sample(range(len(self.prompts)), min(c.rollout.prompts_per_round,
+                                                          len(self.prompts)))  # fmt: skip
+        prompts = [self.prompts[i].prompt for i in picked]
+        self._ensure_weights(step)
+        params = SamplingParams(
+            max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
+        )  # fmt: skip
+        with self.phase("generation"):
+            samples = self.call(self.platform.generation.generate, prompts, params)
+        flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
+        texts = [s.text for _, s in flat]
+        rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
+        lengths = [len(s.prompt_token_ids) for _, s in flat]
+        with self.phase("scoring"):
+            scores = self.call(self.platform.reward.score, [p for p, _ in flat],
+                               texts, scorer=c.rollout.scorer or None)  # fmt: skip
+        with self.phase("reference"):
+            ref = self.call(self.platform.reference.logprobs, rows, lengths)
+        ref_padded, mask = alg.pad_right(ref)
+        return Rollout(
+            [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
+            np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask,
+        )  # fmt: skip
+
+    def _forward(self, rollout: Rollout, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Old log-probs (and values) of the rollout under the current policy, padded."""
+        with self.phase("training"):
+            result = self.call(
+                self.platform.trainer.forward, rollout.batch(range(len(rollout.rows))),
+                outputs, temperature=self.config.rollout.temperature,
+            )  # fmt: skip
+        return {k: alg.pad_right(v)[0] for k, v in result.items()}
+
+    def _train(self, rollout: Rollout, loss, epochs: int, **inputs) -> dict[str, float]:
+        """``epochs`` passes of minibatches (``batch_size`` rows each, one optimizer step
+        per minibatch, ``micro_batch_size`` rows per ForwardBackward)."""
+        c, trainer, rng = self.config, self.platform.trainer, self.rng(-len(rollout.rows))
+        sums: dict[str, list[float]] = {}
+        with self.phase("training"):
+            for _ in range(epochs):
+                order = np.array(rng.sample(range(len(rollout.rows)), len(rollout.rows)))
+                for minibatch in chunks(order, c.batch_size):
+                    for micro in chunks(minibatch, c.micro):
+                        result = trainer.forward_backward(
+                            rollout.batch(micro, **inputs), loss,
+                            loss_scale=len(micro) / len(minibatch),
+                        )  # fmt: skip
+                        for key, value in {"loss": result.loss, **result.metrics}.items():
+                            sums.setdefault(key, []).append(value)
+                    update = trainer.optim_step()
+                    sums.setdefault("grad_norm", []).append(update.grad_norm)
+                    sums.setdefault("lr", []).append(update.learning_rate)
+        return {k: float(np.mean(v)) for k, v in sums.items()}
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        return {
+            "reward": float(rollout.scores.mean()),
+            "reward_std": float(rollout.scores.std()),
+            "response_length": float(rollout.mask.sum(-1).mean()),
+            "eos_fraction": float(rollout.eos.mean()),
+        }
+
+    def after_checkpoint(self, step: int, path) -> None:
+        """Every round ends with a push, so a checkpoint needs no more."""
+
+
+class PPOJob(_Online):
+    """PPO: per-token rewards −β·KL plus the score at the last token, GAE, clipped policy and
+    value losses, ``ppo_epochs`` passes of minibatches per round."""
+
+    kind = "ppo"
+    model_kind = "causal_lm_value"
+
+    def setup(self) -> None:
+        super().setup()
+        c = self.config
+        target = c.target_kl if c.adaptive_kl else None
+        self.kl_control = alg.make_kl_controller(c.kl_coef, target, c.kl_horizon)
+        self.kl_control.value = float(self.run_dir.state.get("kl_coef", c.kl_coef))
+
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_control.value}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        c = self.config
+        rollout = self.rollout(step)
+        old = self._forward(rollout, ["logprobs", "values"])
+        logprobs, values, mask = old["logprobs"], old["values"], rollout.mask
+        scores = rollout.scores
+        if c.missing_eos_penalty is not None:
+            scores = alg.penalize_missing_eos(scores, rollout.eos, c.missing_eos_penalty)
+        if c.reward_clip is not None:
+            scores = alg.clip_scores(scores, c.reward_clip)
+        kl = alg.kl_penalty(logprobs, rollout.ref_logprobs, mask, c.kl_estimator)  # (B, T)
+        beta = self.kl_control.value
+        rewards = alg.token_rewards(scores, kl, mask, beta)  # (B, T)
+        if c.whiten_rewards:
+            rewards = alg.whiten_rewards(rewards, mask)
+        advantages, returns = alg.gae(rewards, values, mask, c.gamma, c.lam)
+        advantages = alg.whiten_advantages(advantages, mask)
+        loss = losses.PPO(clip_range=c.clip_range, value_clip_range=c.value_clip_range,
+                          vf_coef=c.vf_coef, entropy_coef=c.entropy_coef,
+                          temperature=c.rollout.temperature)  # fmt: skip
+        metrics = self._train(
+            rollout, loss, c.ppo_epochs, old_logprobs=logprobs, advantages=advantages,
+            returns=returns, old_values=values,
+        )  # fmt: skip
+        sequence_kl = alg.sequence_kl(kl, mask)
+        self.kl_control.update(float(sequence_kl.mean()), len(rollout.rows))
+        self._sync_weights(step + 1)
+        return {**metrics, **self._rollout_metrics(rollout), "kl": float(sequence_kl.mean()),
+                "kl_coef": beta, "score": float(scores.mean())}  # fmt: skip
+
+
+class GRPOJob(_Online):
+    """GRPO (Shao et al. 2024) or RLOO (Ahmadian et al. 2024): ``group_size`` samples per
+    prompt, advantages from the group's other rewards, ``policy_gradient`` loss."""
+
+    kind = "grpo"
+
+    def train_step(self, step: int) -> dict[str, float]:
+        c = self.config
+        rollout = self.rollout(step, group=c.group_size)
+        if c.baseline == "grpo":
+            advantages = alg.grpo_advantages(rollout.scores, c.group_size, c.scale_rewards)
+        else:
+            advantages = alg.rloo_advantages(rollout.scores, c.group_size)
+        token_advantages = alg.broadcast_to_tokens(advantages, rollout.mask)  # (B, T)
+        inputs = {"advantages": token_advantages}
+        if c.clip_range is not None:
+            inputs["old_logprobs"] = self._forward(rollout, ["logprobs"])["logprobs"]
+        if c.kl_coef > 0:
+            inputs["ref_logprobs"] = rollout.ref_logprobs
+        loss = losses.PolicyGradient(clip_range=c.clip_range, kl_coef=c.kl_coef,
+                                     aggregation=c.aggregation,
+                                     temperature=c.rollout.temperature)  # fmt: skip
+        metrics = self._train(rollout, loss, c.epochs_per_round, **inputs)
+        self._sync_weights(step + 1)
+        return {**metrics, **self._rollout_metrics(rollout)}

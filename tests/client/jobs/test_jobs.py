@@ -1,0 +1,125 @@
+"""Every job kind runs end to end on real services with tiny models, writes its run
+directory, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from alignd import Platform
+from alignd.jobs import (
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    RewardModelConfig,
+    RunDirectoryError,
+    SFTConfig,
+    make_job,
+)
+from alignd.tasks.sentiment import SCORER, load_task
+
+TASK = load_task()
+
+
+@pytest.fixture
+def platform(serve, tiny_models):
+    servers = {
+        "generation": serve("generation"),
+        "reward": serve("reward", scorers=[f"oracle={SCORER}"]),
+        "reference": serve("reference"),
+        "trainer": serve("trainer"),
+    }
+    with Platform(**{role: s.target for role, s in servers.items()}) as platform:
+        yield platform
+
+
+def common(tmp_path, name, **extra):
+    return dict(run_dir=tmp_path / name, max_length=160, batch_size=4, micro_batch_size=2,
+                optim={"lr": 1e-3}, **extra)  # fmt: skip
+
+
+def run(config, platform, **options):
+    return make_job(config, platform, progress=False, **options).run_to_end()
+
+
+def test_sft_job_learns_and_writes_its_run_directory(platform, tiny_models, tmp_path):
+    config = SFTConfig(data={"path": TASK.sft, "limit": 40, "held_out": 8}, max_steps=6,
+                       eval_every=3, save_every=3, **common(tmp_path, "sft"))  # fmt: skip
+    rows = run(config, platform)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["eval/loss"] < rows[2]["eval/loss"]
+    assert {"loss", "grad_norm", "lr", "tokens", "time/training"} <= rows[0].keys()
+    run_dir = tmp_path / "sft"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "config.yaml").is_file() and list((run_dir / "events").iterdir())
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["step"] == 6 and state["done"] and (run_dir / "checkpoints" / "final").is_dir()
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        make_job(config, platform, progress=False)
+
+
+def test_a_resumed_sft_job_repeats_the_steps_it_lost(platform, tmp_path):
+    data = {"path": TASK.sft, "limit": 40, "held_out": 8}
+    straight = run(SFTConfig(data=data, max_steps=4, **common(tmp_path, "a")), platform)
+    config = SFTConfig(data=data, max_steps=4, save_every=2, **common(tmp_path, "b"))
+    job = make_job(config, platform, progress=False)
+    for row in job.run():
+        if row["step"] == 3:  # interrupted after step 3: the checkpoint of step 2 stands
+            break
+    resumed = run(config, platform, resume=True)
+    assert [r["step"] for r in resumed] == [3, 4]
+    np.testing.assert_allclose([r["loss"] for r in resumed],
+                               [r["loss"] for r in straight[2:]], rtol=1e-5)  # fmt: skip
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_reward_model_job_reports_held_out_accuracy(platform, tiny_models, tmp_path):
+    config = RewardModelConfig(
+        model=str(tiny_models.classifier), data={"path": TASK.preferences_train, "limit": 48,
+        "eval_path": TASK.preferences_eval}, max_steps=8, **common(tmp_path, "rm"),
+    )  # fmt: skip
+    rows = run(config, platform)
+    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
+    assert {"accuracy", "margin", "loss"} <= rows[-1].keys()
+    assert (tmp_path / "rm" / "checkpoints" / "final" / "config.json").is_file()
+
+
+def test_dpo_job_caches_reference_logprobs(platform, tmp_path):
+    data = {"path": TASK.preferences_train, "limit": 24, "held_out": 8}
+    config = DPOConfig(data=data, max_steps=3, beta=0.5, **common(tmp_path, "dpo"))
+    rows = run(config, platform)
+    assert {"accuracy", "margin", "rewards_chosen", "eval/accuracy"} <= rows[-1].keys()
+    assert rows[0]["time/reference"] > 0
+    cached = sorted((tmp_path / "dpo" / "cache").glob("ref_logps-*.npy"))
+    # held-out: 8 pairs, train: 16 pairs; two sequences a pair
+    assert [np.load(path).shape for path in cached] == [(16,), (32,)]
+
+
+def test_ppo_job_rounds_push_weights_to_generation(platform, tmp_path):
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+        rollout={"prompts_per_round": 4, "max_new_tokens": 8, "scorer": "oracle"},
+        missing_eos_penalty=1.0, adaptive_kl=True, **common(tmp_path, "ppo"),
+    )  # fmt: skip
+    rows = run(config, platform)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"reward", "kl", "kl_coef", "clip_fraction", "value_loss", "time/generation",
+            "time/scoring", "time/reference", "time/weight_sync"} <= rows[-1].keys()  # fmt: skip
+    assert platform.generation.info().weights_version == 3  # v1 before round 1, then 2, 3
+    assert json.loads((tmp_path / "ppo" / "state.json").read_text())["kl_coef"] > 0
+
+
+@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
+def test_grpo_and_rloo_jobs_use_group_baselines(platform, tmp_path, baseline):
+    config = GRPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=1,
+        rollout={"prompts_per_round": 2, "max_new_tokens": 8, "scorer": "oracle"},
+        group_size=4, baseline=baseline, kl_coef=0.05, **common(tmp_path, baseline),
+    )  # fmt: skip
+    rows = run(config, platform)
+    assert rows[0]["step"] == 1 and "loss" in rows[0] and "reward" in rows[0]
