@@ -55,7 +55,33 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from alignd.demo import run_demo
 
-    return run_demo(home=args.home)
+    return run_demo(home=args.home, quick=args.quick, output=args.output)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from alignd.jobs import ConfigError, RunDirectoryError, load_job_config, make_job
+    from alignd.platform import Platform, PlatformConfigError, default_directory
+
+    try:
+        config = load_job_config(args.config)
+        if args.platform:
+            platform = Platform.from_yaml(args.platform)
+        elif args.env:
+            platform = Platform.from_env()
+        else:
+            platform = Platform.from_state(args.dir or default_directory(args.home))
+    except (OSError, ConfigError, PlatformConfigError) as err:
+        print(f"alignd run: {err}", file=sys.stderr)
+        return 2
+    with platform:
+        try:
+            job = make_job(config, platform, resume=args.resume)
+        except RunDirectoryError as err:
+            print(f"alignd run: {err}", file=sys.stderr)
+            return 2
+        rows = job.run_to_end()
+    print(f"{config.kind}: {len(rows)} steps; run directory {config.run_dir}")
+    return 0
 
 
 def _table(rows: Sequence[Sequence[object]]) -> str:
@@ -201,7 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the main job end to end on local services")
     demo.add_argument("--home", default=None, help="cache directory (default $ALIGND_HOME)")
+    demo.add_argument("--quick", action="store_true", help="tiny models, a few minutes")
+    demo.add_argument("--output", default=None, help="output directory (default ./alignd-demo)")
     demo.set_defaults(func=_cmd_demo)
+
+    run = commands.add_parser("run", help="run a job config (sft, reward_model, dpo, ppo, grpo)")
+    run.add_argument("config", help="job YAML")
+    run.add_argument("--resume", action="store_true", help="continue the run in its run_dir")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--platform", default=None, help="platform YAML (services, tls, token)")
+    source.add_argument("--env", action="store_true", help="services from ALIGND_*_TARGET")
+    source.add_argument("--dir", default=None, help="local platform directory (alignd up)")
+    run.add_argument("--home", default=None, help="alignd home (default $ALIGND_HOME)")
+    run.set_defaults(func=_cmd_run)
     _add_platform_commands(commands)
     return parser
 

@@ -1,62 +1,183 @@
-"""``alignd demo``: the main job, run end to end on local services.
+"""``alignd demo``: the main job. RLHF end to end on local services, with a verdict.
 
-It prepares the bundled models, starts the reward and reference services as child processes
-on loopback, and runs a round trip through them (server info, tokenization of a chat prompt
-with its completion), printing what each service reports.
+On the bundled sentiment task (a programmatic oracle scores how positive a sentence is):
+
+1. SFT of SmolLM2-135M-Instruct on neutral-to-mixed demonstrations;
+2. a MiniLM-L6 reward model trained with Bradley–Terry on oracle-labelled pairs (held-out
+   pairwise accuracy must reach 0.8), then served by the reward service;
+3. PPO from the SFT policy against that reward model, and DPO from the SFT policy on the
+   same pairs;
+4. each policy (SFT, PPO, DPO) sampled on held-out prompts: oracle score, reward-model score,
+   KL to the SFT reference and length, each ± its standard error. PPO and DPO must beat SFT on
+   the oracle by at least three standard errors of the difference.
+
+Everything lands in the output directory: the job configs (runnable with ``alignd run``), the
+run directories, service logs, ``report.md`` with the plots, and ``summary.json``.
+``--quick`` runs the same pipeline on tiny models built from configs (a smoke test: tiny
+models learn nothing worth a verdict).
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import json
+import shutil
 import time
 from pathlib import Path
 
+import yaml
+
+from alignd.evaluation import evaluate_policy, gain
+from alignd.jobs import DPOConfig, PPOConfig, RewardModelConfig, SFTConfig, make_job
 from alignd.local import LocalService
+from alignd.platform import Platform
+from alignd.tasks.sentiment import SCORER, load_task, oracle
+
+REQUIRED_ACCURACY, REQUIRED_SE = 0.8, 3.0
 
 
-def _prepare(home: str | None) -> None:
+def _server(name: str):
     try:
-        from alignd_server.common.prepare import prepare_models
+        return __import__(f"alignd_server.common.{name}", fromlist=[name])
     except ImportError as err:
         raise SystemExit(
-            f"the demo needs the server packages: pip install 'alignd[serve]' ({err})"
+            f"the demo runs the services: pip install 'alignd[serve]' ({err})"
         ) from err
-    prepare_models(None, home=home, progress=print)
 
 
-def run_demo(home: str | None = None) -> int:
-    """Runs the demo; returns the process exit code."""
-    start = time.perf_counter()
-    print("== preparing models")
-    _prepare(home)
+def _models(out: Path, home: str | None, quick: bool) -> tuple[str, str]:
+    """(policy, reward backbone) directories."""
+    if quick:
+        tiny = _server("tiny").build_tiny_models(out / "tiny-models")
+        return str(tiny.causal_lm), str(tiny.classifier)
+    paths = _server("prepare").prepare_models(None, home=home, progress=print)
+    by_name = {p.name: str(p) for p in paths}
+    return by_name["smollm2-135m"], by_name["minilm-l6"]
+
+
+def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
+    """The four job configs of the demo (sizes fit 20 minutes on 2 CPU cores)."""
+    task, runs = load_task(), out / "runs"
+    sft_model = str((runs / "sft" / "checkpoints" / "final").resolve())
+    scale = 4 if quick else 1
+    sft = SFTConfig(
+        name="sft", run_dir=runs / "sft", model=policy, max_length=96, batch_size=8,
+        data={"path": task.sft, "held_out": 16}, max_steps=24 // scale, eval_every=8,
+        optim={"lr": 5e-5, "schedule": "cosine", "warmup_steps": 2},
+    )  # fmt: skip
+    rm = RewardModelConfig(
+        name="reward_model", run_dir=runs / "reward_model", model=backbone, max_length=96,
+        batch_size=16, data={"path": task.preferences_train, "eval_path": task.preferences_eval},
+        max_steps=120 // scale, eval_every=40, optim={"lr": 1e-4, "warmup_steps": 5},
+    )  # fmt: skip
+    ppo = PPOConfig(
+        name="ppo", run_dir=runs / "ppo", model=sft_model, batch_size=8, max_length=96,
+        data={"path": task.train_prompts, "held_out": 0.05}, rounds=12 // scale,
+        rollout={"prompts_per_round": 16, "max_new_tokens": 24 // scale},
+        ppo_epochs=2, kl_coef=0.02, missing_eos_penalty=1.0, vf_coef=0.1,
+        optim={"lr": 2e-5},
+    )  # fmt: skip
+    dpo = DPOConfig(
+        name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,
+        data={"path": task.preferences_train, "eval_path": task.preferences_eval}, beta=0.1,
+        max_steps=30 // scale, eval_every=10, optim={"lr": 2e-5, "warmup_steps": 2},
+    )  # fmt: skip
+    return {"sft": sft, "reward_model": rm, "ppo": ppo, "dpo": dpo}
+
+
+def run_demo(home: str | None = None, quick: bool = False, output: str | None = None) -> int:
+    """Runs the demo; returns the exit code (1 if a check fails)."""
+    started = time.perf_counter()
+    out = Path(output or "alignd-demo").resolve()
+    if (out / "runs").exists():
+        shutil.rmtree(out / "runs")
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    print(f"== alignd demo ({'quick, tiny models' if quick else 'SmolLM2-135M + MiniLM-L6'}) "
+          f"-> {out}")  # fmt: skip
+    policy, backbone = _models(out, home, quick)
+    jobs = configs(out, policy, backbone, quick)
+    for name, config in jobs.items():
+        text = yaml.safe_dump(config.model_dump(mode="json"))
+        (out / "configs" / f"{name}.yaml").write_text(text)
+    summary = _pipeline(out, jobs, home, quick)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from alignd.demo_report import print_summary, write_report
+
+    write_report(out, summary)
+    print_summary(summary)
+    return 0 if quick or all(check["passed"] for check in summary["checks"]) else 1
+
+
+def _pipeline(out: Path, jobs: dict, home: str | None, quick: bool) -> dict:
+    """Starts the services stage by stage and runs the jobs and evaluations."""
     env = {"ALIGND_HOME": str(home)} if home else {}
-    logs = Path(tempfile.mkdtemp(prefix="alignd-demo-"))
-    print(f"== starting services (logs in {logs})")
-    flags = ["--metrics-port", "-1"]
-    with (
-        LocalService("reward", flags, log_file=logs / "reward.log", env=env) as reward,
-        LocalService("reference", flags, log_file=logs / "reference.log", env=env) as reference,
-    ):
-        with reward.client() as client:
-            info = client.info()
-            scorer = info.scorers[0]
-            print(
-                f"reward     {reward.target}  scorer {scorer.name!r}: {scorer.model.name} "
-                f"({scorer.model.architecture}, {scorer.model.num_parameters / 1e6:.1f}M params)"
-            )
-        with reference.client() as client:
-            info = client.info()
-            model = info.server.model
-            print(
-                f"reference  {reference.target}  {model.name} ({model.architecture}, "
-                f"{model.num_parameters / 1e6:.1f}M params, vocab {model.vocab_size})"
-            )
-            chat = [{"role": "user", "content": "Say something kind about mornings."}]
-            (row,) = client.tokenize([chat], ["Mornings are a fresh start."])
-            completion = row.input_ids[row.prompt_length :]
-            print(
-                f"tokenize   {len(row.input_ids)} tokens: {row.prompt_length} prompt + "
-                f"{len(completion)} completion (loss mask sum {int(row.loss_mask.sum())})"
-            )
-    print(f"== done in {time.perf_counter() - start:.1f}s")
-    return 0
+    task, prompts = load_task(), []
+    prompts = [p.prompt for p in task.prompts("held_out")][: 16 if quick else 48]
+    evaluation = {"samples": 1 if quick else 2, "max_new_tokens": 12 if quick else 32}
+    with contextlib.ExitStack() as stack:
+
+        def start(role: str, *args: str) -> str:
+            print(f"== starting {role}")
+            flags = ["--metrics-port", "-1", "--max-batch-size", "512", *args]
+            service = LocalService(role, flags, log_file=out / "logs" / f"{role}.log", env=env)
+            (out / "logs").mkdir(exist_ok=True)
+            return stack.enter_context(service).target
+
+        targets = {"trainer": start("trainer"), "generation": start("generation", "--model",
+                                                                    jobs["sft"].model)}  # fmt: skip
+        rows = {}
+        with Platform(**targets) as platform:
+            rows["sft"] = _run("SFT", jobs["sft"], platform)
+            rows["reward_model"] = _run("reward model", jobs["reward_model"], platform)
+        sft_dir = jobs["ppo"].model
+        rm_dir = str((jobs["reward_model"].run_dir / "checkpoints" / "final").resolve())
+        targets["reward"] = start("reward", "--model", rm_dir, "--scorers", f"oracle={SCORER}")
+        targets["reference"] = start("reference", "--model", sft_dir)
+        reports = {}
+        with Platform(**targets, timeout=600) as platform:
+            platform.generation.load_weights(sft_dir, version=1)
+            reports["sft"] = _evaluate("SFT", platform, prompts, evaluation)
+            rows["ppo"] = _run("PPO", jobs["ppo"], platform)
+            reports["ppo"] = _evaluate("PPO", platform, prompts, evaluation)
+            rows["dpo"] = _run("DPO", jobs["dpo"], platform)
+            dpo_dir = (jobs["dpo"].run_dir / "checkpoints" / "final").resolve()
+            version = platform.generation.info().weights_version + 1
+            platform.generation.load_weights(str(dpo_dir), version=version)
+            reports["dpo"] = _evaluate("DPO", platform, prompts, evaluation)
+    return _summary(rows, reports)
+
+
+def _run(title: str, config, platform) -> list[dict]:
+    print(f"== {title}")
+    start = time.perf_counter()
+    rows = make_job(config, platform).run_to_end()
+    print(f"   {len(rows)} steps in {time.perf_counter() - start:.0f}s")
+    return rows
+
+
+def _evaluate(name: str, platform, prompts, options: dict):
+    print(f"== evaluating {name} on {len(prompts)} held-out prompts")
+    return evaluate_policy(name, platform, prompts, oracle, **options)
+
+
+def _summary(rows: dict, reports: dict) -> dict:
+    accuracy = rows["reward_model"][-1]["eval/accuracy"]
+    checks = [
+        {
+            "name": "reward model held-out accuracy",
+            "value": accuracy,
+            "required": f">= {REQUIRED_ACCURACY}",
+            "passed": accuracy >= REQUIRED_ACCURACY,
+        }
+    ]
+    for name in ("ppo", "dpo"):
+        diff, ses = gain(reports[name].oracle, reports["sft"].oracle)
+        checks.append({"name": f"oracle gain of {name.upper()} over SFT", "value": diff,
+                       "standard_errors": ses, "required": f">= {REQUIRED_SE} SE",
+                       "passed": ses >= REQUIRED_SE})  # fmt: skip
+    return {
+        "checks": checks,
+        "policies": {k: r.to_dict() for k, r in reports.items()},
+        "jobs": {k: {"steps": len(v), "last": v[-1]} for k, v in rows.items()},
+    }

@@ -54,9 +54,19 @@ class _Online(Job):
         self.total_steps = c.rounds
         self.version = 0
 
-    def initialize_trainer(self) -> None:
-        super().initialize_trainer()
+    def prepare(self) -> None:
+        """Weights versions of this run start above whatever the replicas serve now (kept in
+        the state, so a resumed run continues the same numbering)."""
         self.version = -1  # generation holds other weights until the first push
+        base = self.run_dir.state.get("version_base")
+        if base is None:
+            base = max(
+                self.call(c.info).weights_version for c in self.platform.generation_clients()
+            )
+        self.version_base = int(base)
+
+    def extra_state(self) -> dict:
+        return {"version_base": self.version_base}
 
     def _sync_weights(self, version: int) -> None:
         """Makes every generation replica serve the trainer's weights as ``version``."""
@@ -83,7 +93,7 @@ class _Online(Job):
         picked = rng.sample(range(len(self.prompts)), min(c.rollout.prompts_per_round,
                                                           len(self.prompts)))  # fmt: skip
         prompts = [self.prompts[i].prompt for i in picked]
-        self._ensure_weights(step)
+        self._ensure_weights(self.version_base + step)
         params = SamplingParams(
             max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
@@ -162,7 +172,7 @@ class PPOJob(_Online):
         self.kl_control.value = float(self.run_dir.state.get("kl_coef", c.kl_coef))
 
     def extra_state(self) -> dict:
-        return {"kl_coef": self.kl_control.value}
+        return {**super().extra_state(), "kl_coef": self.kl_control.value}
 
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
@@ -190,7 +200,7 @@ class PPOJob(_Online):
         )  # fmt: skip
         sequence_kl = alg.sequence_kl(kl, mask)
         self.kl_control.update(float(sequence_kl.mean()), len(rollout.rows))
-        self._sync_weights(step + 1)
+        self._sync_weights(self.version_base + step + 1)
         return {**metrics, **self._rollout_metrics(rollout), "kl": float(sequence_kl.mean()),
                 "kl_coef": beta, "score": float(scores.mean())}  # fmt: skip
 
@@ -218,5 +228,5 @@ class GRPOJob(_Online):
                                      aggregation=c.aggregation,
                                      temperature=c.rollout.temperature)  # fmt: skip
         metrics = self._train(rollout, loss, c.epochs_per_round, **inputs)
-        self._sync_weights(step + 1)
+        self._sync_weights(self.version_base + step + 1)
         return {**metrics, **self._rollout_metrics(rollout)}

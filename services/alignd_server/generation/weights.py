@@ -142,11 +142,13 @@ class StreamAssembler:
 def read_directory(
     path: str, params: dict[str, torch.nn.Parameter], partial: bool
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Reads every ``*.safetensors`` file of a directory; returns the tensors and their bytes."""
+    """Reads the weights of a directory: its ``model*.safetensors`` files (a model or trainer
+    checkpoint, whose training-state files are skipped), else every ``*.safetensors`` file;
+    returns the tensors and their bytes."""
     directory = Path(path)
     if not path or not directory.is_dir():
         raise InvalidArgument("path", f"{path!r} is not a directory the server can read")
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
     if not files:
         raise InvalidArgument("path", f"{path!r} holds no *.safetensors file")
     tensors: dict[str, torch.Tensor] = {}

@@ -1,0 +1,36 @@
+"""``alignd demo --quick``: the main job's whole pipeline on tiny models, as a real CLI run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "demo", "--quick", "--output", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["policies"]) == {"sft", "ppo", "dpo"}
+    assert [c["name"] for c in summary["checks"]] == [
+        "reward model held-out accuracy",
+        "oracle gain of PPO over SFT",
+        "oracle gain of DPO over SFT",
+    ]
+    assert {job: info["steps"] for job, info in summary["jobs"].items()} == {
+        "sft": 6, "reward_model": 30, "ppo": 3, "dpo": 7,
+    }  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "| SFT |" in report and "![sft loss](plots/sft-loss.png)" in report
+    assert (out / "plots" / "reward_model-accuracy.png").is_file()
+    for name in ("sft", "reward_model", "ppo", "dpo"):
+        assert (out / "configs" / f"{name}.yaml").is_file()
+        assert (out / "runs" / name / "checkpoints" / "final" / "config.json").is_file()
+    assert "oracle score" in result.stdout and "s in all" in result.stdout
