@@ -9,6 +9,7 @@ The numpy math (KL shaping, GAE, whitening, group baselines) is :mod:`alignd.alg
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,13 +70,22 @@ class _Online(Job):
         return {"version_base": self.version_base}
 
     def _sync_weights(self, version: int) -> None:
-        """Makes every generation replica serve the trainer's weights as ``version``."""
-        targets = self.platform.generation_targets
+        """Makes every generation replica serve the trainer's weights as ``version``; replicas
+        that fail (restarting) are retried with backoff for ``retry_seconds``."""
+        targets = list(self.platform.generation_targets)
+        deadline, delay = time.monotonic() + self.config.retry_seconds, 0.5
         with self.phase("weight_sync"):
-            results = self.call(self.platform.trainer.push_weights, targets, version)
-        failed = [f"{r.address}: {r.error}" for r in results if not r.ok]
-        if failed:
-            raise RuntimeError("weight push failed: " + "; ".join(failed))
+            while True:
+                results = self.call(self.platform.trainer.push_weights, targets, version)
+                failed = [r for r in results if not r.ok]
+                if not failed:
+                    break
+                errors = "; ".join(f"{r.address}: {r.error}" for r in failed)
+                if time.monotonic() + delay > deadline:
+                    raise RuntimeError(f"weight push of version {version} failed: {errors}")
+                log.warning("weight push failed (%s); retrying in %.1fs", errors, delay)
+                time.sleep(delay)
+                targets, delay = [r.address for r in failed], min(delay * 2, 10.0)
         self.version = version
 
     def _ensure_weights(self, version: int) -> None:
