@@ -199,6 +199,46 @@ def _add_platform_commands(commands: argparse._SubParsersAction) -> None:
     down.set_defaults(func=_cmd_down)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from alignd import kube
+    from alignd.jobs import ConfigError, load_job_config
+
+    try:
+        config = load_job_config(args.config)
+    except ConfigError as err:
+        print(f"alignd submit: {err}", file=sys.stderr)
+        return 2
+    options = kube.SubmitOptions(
+        release=args.release, namespace=args.namespace, image=args.image or "",
+        claim=args.claim or "", mount_path=args.mount_path, auth_secret=args.auth_secret or "",
+        tls_secret=args.tls_secret or "", service_account=args.service_account or "",
+    )  # fmt: skip
+    objects = kube.build_objects(config, options, kube.job_name(config))
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump_all(kube.to_manifests(objects), sort_keys=False), end="")
+        return 0
+    names = kube.submit(objects)
+    print(f"created ConfigMap and Job {names[1]} in namespace {args.namespace}")
+    return 0
+
+
+def _add_submit_command(commands: argparse._SubParsersAction) -> None:
+    submit = commands.add_parser("submit", help="run a job config in-cluster as a Kubernetes Job")
+    submit.add_argument("config", help="job YAML")
+    submit.add_argument("--release", required=True, help="Helm release of the services")
+    submit.add_argument("--namespace", default="default", help="its namespace")
+    submit.add_argument("--image", default=None, help="alignd image (default alignd:VERSION)")
+    submit.add_argument("--claim", default=None, help="shared PVC (default RELEASE's home)")
+    submit.add_argument("--mount-path", default="/var/lib/alignd", help="where it is mounted")
+    submit.add_argument("--auth-secret", default=None, help="Secret holding the tokens")
+    submit.add_argument("--tls-secret", default=None, help="Secret holding ca.crt")
+    submit.add_argument("--service-account", default=None, help="the pod's service account")
+    submit.add_argument("--dry-run", action="store_true", help="print the manifests only")
+    submit.set_defaults(func=_cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``alignd`` argument parser."""
     parser = argparse.ArgumentParser(prog="alignd", description="RLHF as a platform.")
@@ -241,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--home", default=None, help="alignd home (default $ALIGND_HOME)")
     run.set_defaults(func=_cmd_run)
     _add_platform_commands(commands)
+    _add_submit_command(commands)
     return parser
 
 

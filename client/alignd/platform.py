@@ -432,6 +432,25 @@ class Platform:
         return platform
 
     @classmethod
+    def from_kubernetes(
+        cls, release: str, namespace: str = "default", *, api_client: Any = None,
+        **client_args: Any,
+    ) -> Platform:  # fmt: skip
+        """The services of Helm release ``release``, found by their labels through the
+        Kubernetes API (in-cluster config, else kubeconfig); generation replicas are
+        addressed pod by pod. ``client_args`` (tls, token, token_file, …) as for
+        :class:`Platform`."""
+        from alignd.kube import discover
+
+        targets = discover(release, namespace, api_client)
+        if not targets:
+            raise PlatformConfigError(
+                f"no alignd services of release {release!r} in namespace {namespace!r}"
+            )
+        singles = {r: t[0] for r, t in targets.items() if r != "generation" and t}
+        return cls(generation=targets.get("generation"), **singles, **client_args)
+
+    @classmethod
     def local(
         cls,
         directory: Path | str | None = None,
