@@ -62,17 +62,17 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
     scale = 4 if quick else 1
     sft = SFTConfig(
         name="sft", run_dir=runs / "sft", model=policy, max_length=96, batch_size=8,
-        data={"path": task.sft, "held_out": 16}, max_steps=24 // scale, eval_every=8,
+        data={"path": task.sft, "held_out": 16}, max_steps=20 // scale, eval_every=10,
         optim={"lr": 5e-5, "schedule": "cosine", "warmup_steps": 2},
     )  # fmt: skip
     rm = RewardModelConfig(
         name="reward_model", run_dir=runs / "reward_model", model=backbone, max_length=96,
         batch_size=16, data={"path": task.preferences_train, "eval_path": task.preferences_eval},
-        max_steps=120 // scale, eval_every=40, optim={"lr": 1e-4, "warmup_steps": 5},
+        max_steps=40 // scale, eval_every=20, optim={"lr": 5e-5, "warmup_steps": 2},
     )  # fmt: skip
     ppo = PPOConfig(
         name="ppo", run_dir=runs / "ppo", model=sft_model, batch_size=8, max_length=96,
-        data={"path": task.train_prompts, "held_out": 0.05}, rounds=12 // scale,
+        data={"path": task.train_prompts, "held_out": 0.05}, rounds=10 // scale,
         rollout={"prompts_per_round": 16, "max_new_tokens": 24 // scale},
         ppo_epochs=2, kl_coef=0.02, missing_eos_penalty=1.0, vf_coef=0.1,
         optim={"lr": 2e-5},
@@ -80,7 +80,7 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
     dpo = DPOConfig(
         name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,
         data={"path": task.preferences_train, "eval_path": task.preferences_eval}, beta=0.1,
-        max_steps=30 // scale, eval_every=10, optim={"lr": 2e-5, "warmup_steps": 2},
+        max_steps=20 // scale, eval_every=10, optim={"lr": 1e-5},
     )  # fmt: skip
     return {"sft": sft, "reward_model": rm, "ppo": ppo, "dpo": dpo}
 

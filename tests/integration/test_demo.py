@@ -25,7 +25,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
         "oracle gain of DPO over SFT",
     ]
     assert {job: info["steps"] for job, info in summary["jobs"].items()} == {
-        "sft": 6, "reward_model": 30, "ppo": 3, "dpo": 7,
+        "sft": 5, "reward_model": 10, "ppo": 2, "dpo": 5,
     }  # fmt: skip
     report = (out / "report.md").read_text()
     assert "| SFT |" in report and "![sft loss](plots/sft-loss.png)" in report
