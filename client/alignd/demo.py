@@ -79,7 +79,8 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
     )  # fmt: skip
     dpo = DPOConfig(
         name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,
-        data={"path": task.preferences_train, "eval_path": task.preferences_eval}, beta=0.1,
+        data={"path": task.preferences_train, "eval_path": task.preferences_eval,
+              "limit": 160 // scale}, beta=0.1,
         max_steps=20 // scale, eval_every=10, optim={"lr": 1e-5},
     )  # fmt: skip
     return {"sft": sft, "reward_model": rm, "ppo": ppo, "dpo": dpo}

@@ -51,9 +51,18 @@ def token_stats(
         lengths: (B,) real lengths; prompts: (B,) prompt lengths, 1 <= p < length.
     """
     positions, width = completion_index(lengths, prompts)  # (B, K)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+    first = int(prompts.min()) - 1  # the earliest position that predicts a completion token
+    keep = torch.arange(first, int(lengths.max()) - 1, device=input_ids.device)  # (K',)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "output_hidden_states": hidden}  # fmt: skip
+    try:
+        out, shift = model(**inputs, logits_to_keep=keep), first  # logits (B, K', V)
+    except TypeError:  # models without logits_to_keep: logits everywhere
+        out, shift = model(**inputs), 0
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]  # (B, 1)
-    logits = out.logits[rows, positions].float() / temperature  # (B, K, V)
+    logits = out.logits[rows, positions - shift].float()  # (B, K, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[rows, (positions + 1).clamp(max=input_ids.shape[1] - 1)]  # (B, K)
     log_probs = torch.log_softmax(logits, dim=-1)  # (B, K, V)
     mask = torch.arange(width, device=lengths.device)[None, :] < (lengths - prompts)[:, None]
