@@ -66,8 +66,13 @@ class LocalService:
         self.stop_timeout = stop_timeout
         self.process: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 180.0) -> None:
-        """Starts the process and waits until the service reports SERVING."""
+    def launch(self, detach: bool = False) -> None:
+        """Starts the process without waiting for it to serve.
+
+        Args:
+            detach: give it its own session (and process group), so it outlives this process
+                and a Ctrl-C here does not reach it.
+        """
         cmd = [
             sys.executable,
             "-m",
@@ -81,13 +86,18 @@ class LocalService:
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                env={**os.environ, **self.env},
+                cmd, stdin=subprocess.DEVNULL if detach else None, stdout=out,
+                stderr=subprocess.STDOUT if out else None, env={**os.environ, **self.env},
+                start_new_session=detach,
             )  # fmt: skip
         finally:
             if out:
                 out.close()
         log.info("started %s (pid %d) on %s", self.role, self.process.pid, self.target)
+
+    def start(self, ready_timeout: float = 180.0) -> None:
+        """Starts the process and waits until the service reports SERVING."""
+        self.launch()
         try:
             self._wait_ready(ready_timeout)
         except BaseException:

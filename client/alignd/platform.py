@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -615,26 +614,8 @@ def _spawn(service: LocalService, detach: bool) -> ProcessRecord:
 
     ``service.args`` start with ``--model MODEL --metrics-port PORT``.
     """
-    command = [
-        sys.executable,
-        "-m",
-        f"alignd_server.{service.role}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(service.port),
-        *service.args,
-    ]
+    service.launch(detach)
     log_file = cast(Path, service.log_file)
-    with log_file.open("ab") as out:
-        service.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=detach,
-        )
-    log.info("started %s (pid %d) on %s", service.role, service.process.pid, service.target)
     return ProcessRecord(
         pid=service.process.pid,
         target=service.target,

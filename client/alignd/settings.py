@@ -1,7 +1,7 @@
 """Client-side settings, read from ``ALIGND_*`` environment variables.
 
-This is the only module of the client that reads the environment; everything else receives
-values from here or from its caller.
+This module and :class:`alignd.platform.PlatformEnv` (service targets, token, TLS) are the only
+places the client reads the environment; everything else receives values from them or its caller.
 """
 
 from __future__ import annotations
