@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -243,3 +244,13 @@ def test_held_out_split_by_prompt_keeps_a_prompts_examples_together():
 def test_held_out_split_keeps_both_sides_non_empty(held_out, message):
     with pytest.raises(ValueError, match=message):
         split_held_out([PromptOnly(str(i)) for i in range(4)], held_out)
+
+
+def test_jobs_modules_import_no_torch_and_no_table_libraries():
+    code = (
+        "import sys, alignd.algorithms, alignd.data, alignd.tasks.sentiment; "
+        "print(sorted({'torch', 'pyarrow', 'datasets', 'pandas'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -44,8 +44,13 @@ FILES = {
 Topic = tuple[str, bool]  # (phrase, plural)
 Polarities = dict[str, str]  # slot -> "++", "+", "0", "-", "--", or "!+" / "!-" (negated)
 _SLOT = re.compile(r"\{([PQBVD]\d)\}")
-_BANKS = {"P": banks.ADJECTIVES, "Q": banks.ADJECTIVES, "B": banks.ADJECTIVES,
-          "V": banks.VERBS, "D": banks.ADVERBS}  # fmt: skip
+_BANKS = {
+    "P": banks.ADJECTIVES,
+    "Q": banks.ADJECTIVES,
+    "B": banks.ADJECTIVES,
+    "V": banks.VERBS,
+    "D": banks.ADVERBS,
+}
 
 
 def split_topics(seed: int) -> tuple[list[Topic], list[Topic]]:
@@ -175,14 +180,16 @@ def preference_records(prompts: list[dict[str, Any]], count: int, rng: random.Ra
         chosen_score, rejected_score = oracle(chosen), oracle(rejected)
         if chosen_score - rejected_score < MIN_MARGIN:
             continue  # e.g. an intensifier on the rejected side: draw again
-        records.append({
-            "prompt": prompt["prompt"],
-            "chosen": chosen,
-            "rejected": rejected,
-            "chosen_oracle": round(chosen_score, 4),
-            "rejected_oracle": round(rejected_score, 4),
-            "difficulty": difficulty,
-        })  # fmt: skip
+        records.append(
+            {
+                "prompt": prompt["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_oracle": round(chosen_score, 4),
+                "rejected_oracle": round(rejected_score, 4),
+                "difficulty": difficulty,
+            }
+        )
     return records
 
 
