@@ -113,8 +113,7 @@ def run_demo(home: str | None = None, quick: bool = False, output: str | None = 
 def _pipeline(out: Path, jobs: dict, home: str | None, quick: bool) -> dict:
     """Starts the services stage by stage and runs the jobs and evaluations."""
     env = {"ALIGND_HOME": str(home)} if home else {}
-    task, prompts = load_task(), []
-    prompts = [p.prompt for p in task.prompts("held_out")][: 16 if quick else 48]
+    prompts = [p.prompt for p in load_task().prompts("held_out")][: 16 if quick else 48]
     evaluation = {"samples": 1 if quick else 2, "max_new_tokens": 12 if quick else 32}
     with contextlib.ExitStack() as stack:
 

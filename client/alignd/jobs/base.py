@@ -125,7 +125,8 @@ class Job:
         self.call(
             self.platform.trainer.initialize, self.config.model, self.model_kind, lr=o.lr,
             betas=o.betas, weight_decay=o.weight_decay, schedule=o.schedule,
-            warmup_steps=o.warmup_steps, total_steps=max(self.total_steps, o.warmup_steps + 1),
+            warmup_steps=o.warmup_steps,
+            total_steps=max(self.optimizer_steps(), o.warmup_steps + 1),
             max_grad_norm=o.max_grad_norm or None, seed=self.config.seed,
             gradient_checkpointing=o.gradient_checkpointing, lora=lora,
         )  # fmt: skip
@@ -139,6 +140,10 @@ class Job:
         self.run_dir.save_state(step=step, checkpoint=str(path.resolve()), done=final,
                                 **self.extra_state())  # fmt: skip
         self.after_checkpoint(step, path)
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps the whole run takes (the schedule's length); one per step here."""
+        return self.total_steps
 
     def extra_state(self) -> dict[str, Any]:
         """What else a resumed run needs (e.g. the adaptive KL coefficient)."""

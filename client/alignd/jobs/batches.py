@@ -50,11 +50,13 @@ def batch_indices(step: int, examples: int, batch_size: int, seed: int) -> np.nd
     """The examples of optimizer step ``step`` (1-based): consecutive slices of one shuffled
     order per epoch (the same for the same seed, so resumed runs see the same batches)."""
     start = (step - 1) * batch_size
+    orders: dict[int, np.ndarray] = {}
     picked = []
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, examples)
-        order = np.random.default_rng([seed, epoch]).permutation(examples)
-        picked.append(order[offset])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(examples)
+        picked.append(orders[epoch][offset])
     return np.array(picked)
 
 

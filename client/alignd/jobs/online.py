@@ -55,6 +55,15 @@ class _Online(Job):
         self.total_steps = c.rounds
         self.version = 0
 
+    group = 1
+    """Completions sampled per prompt."""
+
+    def optimizer_steps(self) -> int:
+        """Rounds × epochs × minibatches of ``batch_size`` rows per round."""
+        c = self.config
+        rows = c.rollout.prompts_per_round * self.group
+        return c.rounds * self.epochs * -(-rows // c.batch_size)
+
     def prepare(self) -> None:
         """Weights versions of this run start above whatever the replicas serve now (kept in
         the state, so a resumed run continues the same numbering)."""
@@ -134,10 +143,10 @@ class _Online(Job):
             )  # fmt: skip
         return {k: alg.pad_right(v)[0] for k, v in result.items()}
 
-    def _train(self, rollout: Rollout, loss, epochs: int, **inputs) -> dict[str, float]:
+    def _train(self, step: int, rollout: Rollout, loss, epochs: int, **inputs) -> dict[str, float]:
         """``epochs`` passes of minibatches (``batch_size`` rows each, one optimizer step
         per minibatch, ``micro_batch_size`` rows per ForwardBackward)."""
-        c, trainer, rng = self.config, self.platform.trainer, self.rng(-len(rollout.rows))
+        c, trainer, rng = self.config, self.platform.trainer, self.rng(-step)  # not the rollout's
         sums: dict[str, list[float]] = {}
         with self.phase("training"):
             for _ in range(epochs):
@@ -174,6 +183,10 @@ class PPOJob(_Online):
     kind = "ppo"
     model_kind = "causal_lm_value"
 
+    @property
+    def epochs(self) -> int:
+        return self.config.ppo_epochs
+
     def setup(self) -> None:
         super().setup()
         c = self.config
@@ -205,7 +218,7 @@ class PPOJob(_Online):
                           vf_coef=c.vf_coef, entropy_coef=c.entropy_coef,
                           temperature=c.rollout.temperature)  # fmt: skip
         metrics = self._train(
-            rollout, loss, c.ppo_epochs, old_logprobs=logprobs, advantages=advantages,
+            step, rollout, loss, c.ppo_epochs, old_logprobs=logprobs, advantages=advantages,
             returns=returns, old_values=values,
         )  # fmt: skip
         sequence_kl = alg.sequence_kl(kl, mask)
@@ -220,6 +233,14 @@ class GRPOJob(_Online):
     prompt, advantages from the group's other rewards, ``policy_gradient`` loss."""
 
     kind = "grpo"
+
+    @property
+    def group(self) -> int:  # type: ignore[override]
+        return self.config.group_size
+
+    @property
+    def epochs(self) -> int:
+        return self.config.epochs_per_round
 
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
@@ -237,6 +258,6 @@ class GRPOJob(_Online):
         loss = losses.PolicyGradient(clip_range=c.clip_range, kl_coef=c.kl_coef,
                                      aggregation=c.aggregation,
                                      temperature=c.rollout.temperature)  # fmt: skip
-        metrics = self._train(rollout, loss, c.epochs_per_round, **inputs)
+        metrics = self._train(step, rollout, loss, c.epochs_per_round, **inputs)
         self._sync_weights(self.version_base + step + 1)
         return {**metrics, **self._rollout_metrics(rollout)}

@@ -111,6 +111,9 @@ def test_ppo_job_rounds_push_weights_to_generation(platform, tmp_path):
     assert {"reward", "kl", "kl_coef", "clip_fraction", "value_loss", "time/generation",
             "time/scoring", "time/reference", "time/weight_sync"} <= rows[-1].keys()  # fmt: skip
     assert platform.generation.info().weights_version == 3  # v1 before round 1, then 2, 3
+    job = make_job(config.model_copy(update={"run_dir": tmp_path / "ppo2"}), platform)
+    assert job.optimizer_steps() == 2 * 2 * 1  # rounds × ppo_epochs × minibatches of 4 rows
+    assert platform.trainer.state().step == job.optimizer_steps()
     assert json.loads((tmp_path / "ppo" / "state.json").read_text())["kl_coef"] > 0
 
 
