@@ -106,30 +106,30 @@ class Group:
         dist.init_process_group(self.backend, timeout=self.timeout)
         log.info("rank %d of %d joined (%s)", self.rank, self.world_size, self.backend)
 
-    def _tensor(self, data: torch.Tensor) -> torch.Tensor:
+    def to_device(self, data: torch.Tensor) -> torch.Tensor:
         return data.to(self.device) if self.backend == "nccl" else data
 
     def send(self, op: str, header: dict | None = None, blob: bytes = b"") -> None:
         """Rank 0: broadcasts a command to every rank."""
         text = json.dumps({"op": op, **(header or {})}).encode()
-        sizes = self._tensor(torch.tensor([len(text), len(blob)], dtype=torch.int64))
+        sizes = self.to_device(torch.tensor([len(text), len(blob)], dtype=torch.int64))
         dist.broadcast(sizes, src=0)
         payload = np.frombuffer(text + blob, dtype=np.uint8).copy()
-        dist.broadcast(self._tensor(torch.from_numpy(payload)), src=0)
+        dist.broadcast(self.to_device(torch.from_numpy(payload)), src=0)
 
     def receive(self) -> tuple[dict, bytes]:
         """Other ranks: waits for rank 0's next command."""
-        sizes = self._tensor(torch.zeros(2, dtype=torch.int64))
+        sizes = self.to_device(torch.zeros(2, dtype=torch.int64))
         dist.broadcast(sizes, src=0)
         text_size, blob_size = (int(v) for v in sizes.cpu())
-        payload = self._tensor(torch.zeros(text_size + blob_size, dtype=torch.uint8))
+        payload = self.to_device(torch.zeros(text_size + blob_size, dtype=torch.uint8))
         dist.broadcast(payload, src=0)
         data = payload.cpu().numpy().tobytes()
         return json.loads(data[:text_size]), data[text_size:]
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks."""
-        tensor = self._tensor(torch.tensor(values, dtype=torch.float64))
+        tensor = self.to_device(torch.tensor(values, dtype=torch.float64))
         dist.all_reduce(tensor)
         return tensor.cpu().tolist()
 
@@ -395,8 +395,8 @@ def _forward(group, engine, batch, outputs: set[str], temperature: float) -> dic
         for i, row in enumerate(result.get(name, [])):
             values = np.atleast_1d(np.asarray(row, dtype=np.float32))
             local[i, : len(values)] = torch.from_numpy(values)
-        parts = [group._tensor(torch.zeros_like(local)) for _ in range(group.world_size)]
-        dist.all_gather(parts, group._tensor(local))
+        parts = [group.to_device(torch.zeros_like(local)) for _ in range(group.world_size)]
+        dist.all_gather(parts, group.to_device(local))
         rows = [parts[r][i].cpu().numpy() for r, s in enumerate(splits) for i in range(len(s))]
         if name == "rewards":
             gathered[name] = np.array([row[0] for row in rows], dtype=np.float32)
