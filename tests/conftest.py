@@ -71,3 +71,42 @@ def serve(tiny_models) -> Iterator[Any]:
     yield _serve
     for thread in running:
         thread.stop()
+
+
+@pytest.fixture(scope="session")
+def issue_cert():
+    """``issue_cert(subject, key, issuer=None, issuer_key=None, *, names=())`` makes a test
+    certificate: a self-signed CA without ``issuer``, else a leaf it signs, valid for an hour
+    around now, with ``names`` (DNS names or IP addresses) as subject alternative names."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    def alternative(name: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            return x509.DNSName(name)
+
+    def issue(subject: str, key, issuer=None, issuer_key=None, *, names=()):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer.subject if issuer else name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
+        )
+        if names:
+            san = x509.SubjectAlternativeName([alternative(n) for n in names])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    return issue

@@ -7,17 +7,14 @@ name the chart passes (the service's DNS name).
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from chart_render import CHART
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from alignd.local import free_port
 
@@ -26,33 +23,13 @@ SERVER_NAME = "t-alignd-reward"
 REWARD = "alignd.v1.RewardService"
 
 
-def _issue(subject: str, key, issuer=None, issuer_key=None, *, dns: str | None = None):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if dns:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False
-        )
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
-def tls_dir(tmp_path_factory) -> Path:
+def tls_dir(tmp_path_factory, issue_cert) -> Path:
     """What the chart mounts at /etc/alignd/tls: tls.crt, tls.key (for SERVER_NAME), ca.crt."""
     root = tmp_path_factory.mktemp("tls")
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("alignd test CA", ca_key)
-    cert = _issue(SERVER_NAME, key, ca, ca_key, dns=SERVER_NAME)
+    ca = issue_cert("alignd test CA", ca_key)
+    cert = issue_cert(SERVER_NAME, key, ca, ca_key, names=(SERVER_NAME,))
     pem = serialization.Encoding.PEM
     (root / "ca.crt").write_bytes(ca.public_bytes(pem))
     (root / "tls.crt").write_bytes(cert.public_bytes(pem))
@@ -96,14 +73,14 @@ def test_mutual_tls_probe_presents_the_pods_certificate(serve, tls_dir):
     assert probe(REWARD, port) != 0  # plaintext against TLS
 
 
-def test_tls_probe_checks_the_certificate_and_its_name(serve, tls_dir, tmp_path):
+def test_tls_probe_checks_the_certificate_and_its_name(serve, tls_dir, tmp_path, issue_cert):
     server = serve("reward", tls_cert=tls_dir / "tls.crt", tls_key=tls_dir / "tls.key")
     port = server.server.port
     assert probe(REWARD, port, tls_dir) == 0
     assert probe(REWARD, port, tls_dir, server_name="t-alignd-generation") != 0
     stranger = tmp_path / "stranger"
     stranger.mkdir()
-    other_ca = _issue("some other CA", ec.generate_private_key(ec.SECP256R1()))
+    other_ca = issue_cert("some other CA", ec.generate_private_key(ec.SECP256R1()))
     (stranger / "ca.crt").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
     assert probe(REWARD, port, stranger) != 0
 

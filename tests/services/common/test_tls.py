@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from alignd import ReferenceClient, TLSConfig
 from alignd.errors import UnavailableError
@@ -33,40 +29,17 @@ def _write(path: Path, cert, key) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _cert(subject: str, key, issuer=None, issuer_key=None, *, ca=False, server=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
+def pki(tmp_path_factory, issue_cert):
     """A CA, a server certificate for 127.0.0.1, a client certificate, and a stranger CA."""
     root = tmp_path_factory.mktemp("pki")
     ca_key = _key()
-    ca = _cert("alignd test CA", ca_key, ca=True)
+    ca = issue_cert("alignd test CA", ca_key)
     other_key = _key()
-    other_ca = _cert("some other CA", other_key, ca=True)
+    other_ca = issue_cert("some other CA", other_key)
     server_key, client_key = _key(), _key()
-    server = _cert("alignd-server", server_key, ca, ca_key, server=True)
-    client = _cert("alignd-client", client_key, ca, ca_key)
+    server = issue_cert("alignd-server", server_key, ca, ca_key, names=("localhost", "127.0.0.1"))
+    client = issue_cert("alignd-client", client_key, ca, ca_key)
     paths = {
         "ca": _write(root / "ca", ca, ca_key)[0],
         "other_ca": _write(root / "other", other_ca, other_key)[0],
