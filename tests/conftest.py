@@ -49,20 +49,33 @@ def prepared_home() -> Path:
     return home()
 
 
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The storage root test servers get: this session's temporary directory, which holds the
+    tiny models and every ``tmp_path``."""
+    return tmp_path_factory.getbasetemp()
+
+
 @pytest.fixture
-def serve(tiny_models) -> Iterator[Any]:
+def serve(tiny_models, storage_root) -> Iterator[Any]:
     """``serve(role, **settings)`` starts a real server for ``role`` on 127.0.0.1 (free ports,
-    tiny model) in a background thread; every server is stopped after the test."""
+    tiny model) in a background thread; every server is stopped after the test. Services that
+    take paths get this session's temporary directory (tiny models, every ``tmp_path``) as their
+    storage root."""
+    from alignd_server.common.config import StorageServerSettings
     from alignd_server.common.testing import ServerThread
     from alignd_server.launch import ROLES, build_server
 
     running: list[ServerThread] = []
+    root = str(storage_root)
 
     def _serve(role: str, **overrides: Any) -> ServerThread:
         settings_cls, _ = ROLES[role]
         model = tiny_models.classifier if role == "reward" else tiny_models.causal_lm
         values = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "grace_s": 0.5}
         values["model"] = str(model)
+        if issubclass(settings_cls, StorageServerSettings):
+            values["storage_root"] = [root]
         values.update(overrides)
         thread = ServerThread(build_server(role, settings_cls(**values))).start()
         running.append(thread)

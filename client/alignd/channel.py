@@ -156,13 +156,12 @@ class _CallDetails(grpc.ClientCallDetails):
     compression: grpc.Compression | None
 
 
-class _AioTokenInterceptor(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-    aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call of an asyncio channel."""
+class _AioToken:
+    """Adds ``authorization: Bearer <token>`` to the calls of an asyncio channel.
+
+    grpc.aio files each interceptor under the first call shape it implements, so a single
+    class implementing all four would only ever see unary-unary calls: one subclass per shape.
+    """
 
     def __init__(self, token: str) -> None:
         self._header = ("authorization", f"Bearer {token}")
@@ -174,17 +173,32 @@ class _AioTokenInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _AioTokenUnaryUnary(_AioToken, aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioTokenUnaryStream(_AioToken, aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioTokenStreamUnary(_AioToken, aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _AioTokenStreamStream(_AioToken, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def aio_token_interceptors(token: str) -> list[_AioToken]:
+    """Interceptors that send ``token`` on every call shape of an asyncio channel."""
+    shapes = (_AioTokenUnaryUnary, _AioTokenUnaryStream, _AioTokenStreamUnary,
+              _AioTokenStreamStream)  # fmt: skip
+    return [shape(token) for shape in shapes]
 
 
 def create_channel(
@@ -237,7 +251,7 @@ def create_aio_channel(
         retries=retries,
         server_name=tls.server_name if tls else None,
     )
-    interceptors = [_AioTokenInterceptor(token)] if token else None
+    interceptors = aio_token_interceptors(token) if token else None
     if tls is None:
         return aio.insecure_channel(target, options=options, interceptors=interceptors)
     return aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)

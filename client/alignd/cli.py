@@ -105,6 +105,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             models={role: model for role, model in models.items() if model},
             home=args.home,
             token_file=args.token_file,
+            storage_roots=args.storage_root,
             detach=True,
             ready_timeout=args.timeout,
         )
@@ -181,6 +182,14 @@ def _add_platform_commands(commands: argparse._SubParsersAction) -> None:
             help=f"bundled model name or directory for {role}",
         )
     up.add_argument("--token-file", default=None, help="bearer tokens the services require")
+    up.add_argument(
+        "--storage-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="where trainer and generation may read and write the paths jobs send "
+        "(checkpoints, run directories); repeat for several (default: the current directory)",
+    )
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING")
     up.set_defaults(func=_cmd_up)
 

@@ -124,8 +124,10 @@ def _pipeline(out: Path, jobs: dict, home: str | None, quick: bool) -> dict:
             (out / "logs").mkdir(exist_ok=True)
             return stack.enter_context(service).target
 
-        targets = {"trainer": start("trainer"), "generation": start("generation", "--model",
-                                                                    jobs["sft"].model)}  # fmt: skip
+        root = ("--storage-root", str(out))  # the runs, checkpoints and models live there
+        generation = start("generation", "--model", jobs["sft"].model, *root)
+        targets = {"trainer": start("trainer", *root, "--push-targets", generation),
+                   "generation": generation}  # fmt: skip
         rows = {}
         with Platform(**targets) as platform:
             rows["sft"] = _run("SFT", jobs["sft"], platform)

@@ -459,6 +459,7 @@ class Platform:
         extra_args: Mapping[str, Sequence[str]] | None = None,
         home: Path | str | None = None,
         token_file: Path | str | None = None,
+        storage_roots: Sequence[Path | str] | None = None,
         detach: bool = False,
         ready_timeout: float = 300.0,
         stop_timeout: float = 30.0,
@@ -473,6 +474,9 @@ class Platform:
             extra_args: more ``alignd serve ROLE`` flags per role.
             home: alignd home that bundled model names resolve in.
             token_file: bearer tokens the services require (and the clients send).
+            storage_roots: where the trainer and generation services may read and write the
+                paths jobs send them (checkpoints, run directories); default: the current
+                directory. The trainer may push weights to the generation service started here.
             detach: start each service in its own session, so it outlives this process, and
                 leave it running on :meth:`close` (``alignd down`` stops it).
             ready_timeout: seconds to wait for every service to report SERVING.
@@ -491,18 +495,22 @@ class Platform:
         chosen = {role: (models or {}).get(role, DEFAULT_MODELS[role]) for role in roles}
         resolved = {role: str(resolve_model(model, home)) for role, model in chosen.items()}
         (directory / "logs").mkdir(parents=True, exist_ok=True)
-        services: dict[str, LocalService] = {}
+        roots = [str(Path(r).resolve()) for r in storage_roots or [Path.cwd()]]
+        logs = directory / "logs"
+        services = {
+            role: LocalService(role, log_file=logs / f"{role}.log", stop_timeout=stop_timeout)
+            for role in resolved
+        }
         records: dict[str, ProcessRecord] = {}
         try:
             for role, model in resolved.items():
                 flags = ["--auth-token-file", str(token_file)] if token_file else []
+                if role in ("generation", "trainer"):
+                    flags += [arg for root in roots for arg in ("--storage-root", root)]
+                if role == "trainer" and "generation" in services:
+                    flags += ["--push-targets", services["generation"].target]
                 flags += (extra_args or {}).get(role, ())
-                services[role] = LocalService(
-                    role,
-                    ["--model", model, "--metrics-port", str(free_port()), *flags],
-                    log_file=directory / "logs" / f"{role}.log",
-                    stop_timeout=stop_timeout,
-                )
+                services[role].args = ["--model", model, "--metrics-port", str(free_port()), *flags]
                 records[role] = _spawn(services[role], detach)
             _wait_serving(services, ready_timeout)
             targets = {role: s.target for role, s in services.items()}

@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 MAX_DIMS = 32  # numpy's limit is 64; no API tensor needs more than a few
+MAX_ELEMENT_BYTES = 2**62  # product of the non-zero dimensions x item size, below numpy's limit
 
 # Wire dtype -> numpy dtype (little-endian). bfloat16 travels as its raw 16 bits.
 _NUMPY: dict[int, np.dtype] = {
@@ -126,8 +127,8 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray:
         as a new float32 array, exactly).
 
     Raises:
-        TensorError: unknown dtype, a negative dimension, or a byte length that does not match
-            the shape and dtype.
+        TensorError: unknown dtype, a negative dimension, a shape too large for any array (even
+            with zero elements), or a byte length that does not match the shape and dtype.
     """
     if tensor.dtype not in _NUMPY:
         raise TensorError(f"dtype: unsupported value {tensor.dtype}")
@@ -144,6 +145,9 @@ def to_numpy(tensor: pb.Tensor) -> np.ndarray:
             f"data: {len(tensor.data)} bytes, but shape {list(shape)} of "
             f"{pb.DType.Name(tensor.dtype)} needs {expected}"
         )
+    nonzero = math.prod(d for d in shape if d)  # numpy refuses shapes whose size overflows,
+    if nonzero * np_dtype.itemsize >= MAX_ELEMENT_BYTES:  # even with a zero dimension
+        raise TensorError(f"shape: {list(shape)} is larger than any array can be")
     array = np.frombuffer(tensor.data, dtype=np_dtype, count=count).reshape(shape)
     if tensor.dtype == pb.DTYPE_BFLOAT16:
         return (array.astype("<u4") << 16).view("<f4")

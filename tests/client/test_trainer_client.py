@@ -14,7 +14,7 @@ ROWS = [np.array([5, 6, 7, 8, 9, 10]), np.array([11, 12, 13, 14, 15, 16])]
 def test_sft_dpo_checkpoint_and_push_through_the_sdk(serve, tiny_models, tmp_path):
     generation = serve("generation")
     sft = TrainBatch(ROWS, [2, 3])
-    with TrainerClient(serve("trainer").target) as trainer:
+    with TrainerClient(serve("trainer", push_targets=[generation.target]).target) as trainer:
         init = trainer.initialize(tiny_models.causal_lm, lr=1e-2, schedule="linear",
                                   warmup_steps=1, total_steps=10, max_grad_norm=1.0)  # fmt: skip
         assert init.model.architecture == "LlamaForCausalLM"

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 def service(role: str, model, tmp_path, port: int | None = None, *extra: str) -> LocalService:
     args = ["--model", str(model), "--metrics-port", "-1", *extra]
+    if role in ("generation", "trainer"):  # tiny models and run directories: the session's tmp
+        args += ["--storage-root", str(tmp_path.parent)]
     log = tmp_path / f"{role}-{port or 'first'}.log"
     return LocalService(role, args, log_file=log, port=port, stop_timeout=10)
 
@@ -37,7 +39,10 @@ def test_ppo_survives_generation_reward_and_reference_restarts(tiny_models, tmp_
     models = {"generation": tiny_models.causal_lm, "reference": tiny_models.causal_lm,
               "reward": tiny_models.classifier, "trainer": tiny_models.causal_lm}  # fmt: skip
     extra = {"reward": ("--scorers", f"oracle={SCORER}")}
-    running = {r: service(r, m, tmp_path, None, *extra.get(r, ())) for r, m in models.items()}
+    running = {"generation": service("generation", models["generation"], tmp_path)}
+    extra["trainer"] = ("--push-targets", running["generation"].target)
+    for role in ("reference", "reward", "trainer"):
+        running[role] = service(role, models[role], tmp_path, None, *extra.get(role, ()))
     for process in running.values():
         process.start()
     restarted: list[LocalService] = []

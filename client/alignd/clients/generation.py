@@ -96,6 +96,10 @@ def _completions(response: generation_pb2.GenerateResponse) -> list[list[Complet
     ]
 
 
+ACCEPTED_KEY = "alignd-update"
+"""Response-header key with which the server accepts an UpdateWeights header."""
+
+
 def weight_messages(
     tensors: Mapping[str, np.ndarray], version: int, partial: bool, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[generation_pb2.UpdateWeightsRequest]:
@@ -241,10 +245,25 @@ class AsyncGenerationClient(AsyncTokenizingClient):
         partial: bool = False,
         timeout: float | None = None,
     ) -> generation_pb2.UpdateWeightsResponse:
-        """See :meth:`GenerationClient.update_weights`."""
+        """See :meth:`GenerationClient.update_weights`.
+
+        Sends the header, then waits for the server's answer to it before the chunks: a
+        rejected update (a busy server, a stale version, a bad name) reports its own status
+        instead of the failed write grpc.aio would report, and sends no weights for nothing.
+        """
         messages = await asyncio.to_thread(lambda: list(weight_messages(tensors, version, partial)))
+        call = self._stub.UpdateWeights(timeout=timeout or self.timeout)
         try:
-            return await self._stub.UpdateWeights(iter(messages), timeout=timeout or self.timeout)
+            try:
+                await call.write(messages[0])
+                answer = await call.initial_metadata()
+                if any(key == ACCEPTED_KEY for key, _ in answer or ()):
+                    for message in messages[1:]:
+                        await call.write(message)
+                    await call.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the server answered while we wrote: its status follows
+            return await call
         except grpc.RpcError as err:
             raise from_rpc_error(err, f"{self.service}/UpdateWeights") from None
 

@@ -140,20 +140,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_sequence_length", "max_message_bytes", "max_queue_size", "max_batch_tokens", "max_new_tokens")
+    __slots__ = ("max_batch_size", "max_sequence_length", "max_message_bytes", "max_queue_size", "max_batch_tokens", "max_new_tokens", "max_text_bytes", "max_request_tokens")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_sequence_length: int
     max_message_bytes: int
     max_queue_size: int
     max_batch_tokens: int
     max_new_tokens: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    max_text_bytes: int
+    max_request_tokens: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("service", "version", "model", "limits", "auth_required", "tls", "uptime_seconds")

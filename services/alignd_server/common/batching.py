@@ -6,7 +6,9 @@ after the oldest item arrived for more to come. It takes a window of the oldest 
 by length so items of similar length share a batch (less padding), and runs each batch on the
 process's one compute thread (never on the event loop). Items whose deadline passed or whose
 caller went away are dropped before they are computed. A full queue rejects new work with
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED (:meth:`DynamicBatcher.check_capacity` lets a caller refuse before it
+prepares its items). A batch that fails is retried item by item, so one item that breaks the
+model fails alone.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class BatcherMetrics:
             "alignd_items_rejected", "Items refused because the queue was full.", ["batcher"],
             registry=registry,
         )  # fmt: skip
+        self.split = Counter(
+            "alignd_batches_split", "Failed batches retried item by item.", ["batcher"],
+            registry=registry,
+        )  # fmt: skip
 
 
 @dataclass
@@ -95,7 +101,8 @@ class DynamicBatcher(Generic[P, R]):
     Args:
         name: label of this batcher's metrics and logs.
         run: computes one batch: a list of payloads -> a list of results in the same order.
-            Runs on the compute thread; an exception fails every item of the batch.
+            Runs on the compute thread; when it raises for a batch of several items, each item
+            is run again alone, and only the items that fail alone get the exception.
         max_batch_size: most items per call of ``run``.
         max_batch_tokens: most padded tokens (items x largest cost) per call; an item larger
             than this runs alone.
@@ -148,6 +155,24 @@ class DynamicBatcher(Generic[P, R]):
     def queued(self) -> int:
         return len(self._queue)
 
+    def check_capacity(self, count: int) -> None:
+        """Raises now what :meth:`submit` would raise for ``count`` items, so that callers can
+        refuse work before preparing it (tokenizing): a refusal costs microseconds.
+
+        Raises:
+            Unavailable: the batcher is not running.
+            ResourceExhausted: the queue cannot take ``count`` more items now.
+        """
+        if self._worker is None:
+            raise Unavailable(f"{self.name} is not running")
+        if len(self._queue) + count > self.max_queue_size:
+            if self._metrics:
+                self._metrics.rejected.labels(self.name).inc(count)
+            raise ResourceExhausted(
+                f"queue full: {len(self._queue)} items waiting, limit max_queue_size "
+                f"{self.max_queue_size}; retry later"
+            )
+
     async def submit(
         self, payloads: Sequence[P], costs: Sequence[int], deadline: float | None = None
     ) -> list[R]:
@@ -162,15 +187,7 @@ class DynamicBatcher(Generic[P, R]):
             ResourceExhausted: the queue cannot take this many items now.
             DeadlineExceeded: the deadline passed before the items were computed.
         """
-        if self._worker is None:
-            raise Unavailable(f"{self.name} is not running")
-        if len(self._queue) + len(payloads) > self.max_queue_size:
-            if self._metrics:
-                self._metrics.rejected.labels(self.name).inc(len(payloads))
-            raise ResourceExhausted(
-                f"queue full: {len(self._queue)} items waiting, limit max_queue_size "
-                f"{self.max_queue_size}; retry later"
-            )
+        self.check_capacity(len(payloads))
         loop = asyncio.get_running_loop()
         items = [
             _Item(p, max(1, int(c)), loop.create_future(), deadline)
@@ -266,6 +283,25 @@ class DynamicBatcher(Generic[P, R]):
             for item in batch:
                 m.wait.labels(self.name).observe(start - item.enqueued)
         try:
+            error = await self._compute(batch)
+            if error is not None and len(batch) > 1:
+                # One bad item must not fail its neighbours: run each alone, so only the items
+                # that fail by themselves get the error.
+                log.warning("%s: a batch of %d failed (%r); retrying item by item",
+                            self.name, len(batch), error)  # fmt: skip
+                if self._metrics:
+                    self._metrics.split.labels(self.name).inc()
+                for item in batch:
+                    if not item.future.done():
+                        await self._compute([item])
+        finally:
+            if self._metrics:
+                self._metrics.compute.labels(self.name).observe(time.monotonic() - start)
+
+    async def _compute(self, batch: list[_Item]) -> Exception | None:
+        """Runs ``batch`` and settles its futures with the results; on failure, returns the
+        error (a single item's future gets it)."""
+        try:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(COMPUTE, self._run, [i.payload for i in batch])
             if len(results) != len(batch):
@@ -276,13 +312,10 @@ class DynamicBatcher(Generic[P, R]):
                     item.future.set_exception(Unavailable("server is shutting down"))
             raise
         except Exception as err:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(err)
-            return
-        finally:
-            if self._metrics:
-                self._metrics.compute.labels(self.name).observe(time.monotonic() - start)
+            if len(batch) == 1 and not batch[0].future.done():
+                batch[0].future.set_exception(err)
+            return err
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
+        return None

@@ -54,6 +54,24 @@ class ServerSettings(BaseSettings):
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server process."""
+    metrics_auth_token_file: Path | None = None
+    """File of bearer tokens the ``/metrics`` endpoint requires (``Authorization: Bearer``,
+    one token per line, re-read when it changes); unset = the endpoint is open."""
+    max_concurrent_streams: int = Field(64, ge=1, le=65536)
+    """Most RPCs (HTTP/2 streams) one client connection may have open at once."""
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
+    """Most RPCs the server handles at once over all connections, counted from their headers
+    (so half-sent requests count); beyond it RESOURCE_EXHAUSTED. Unset = no limit."""
+    max_connection_idle_s: float | None = Field(3600.0, gt=0)
+    """Close a client connection that had no RPC in flight for this long (clients reconnect
+    on their next call); unset = never."""
+    max_connection_age_s: float | None = Field(None, gt=0)
+    """Ask a client connection to go away (HTTP/2 GOAWAY) after this long, whatever it carries;
+    with ``max_connection_age_grace_s`` this bounds how long a connection, and anything it has
+    half sent, stays in memory. Unset = connections live as long as their clients."""
+    max_connection_age_grace_s: float = Field(300.0, gt=0)
+    """After ``max_connection_age_s``: how long RPCs in flight get before the connection is
+    cut."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
@@ -118,10 +136,22 @@ class ModelServerSettings(ServerSettings):
     max_batch_size: int = Field(64, ge=1, le=65536)
     """Most items (prompts, sequences, pairs) accepted in one request."""
     max_sequence_length: int = Field(2048, ge=2, le=1_048_576)
-    """Most tokens in one sequence (prompt plus completion)."""
+    """Most tokens in one sequence (prompt plus completion); lowered at start to the model's
+    position limit (``max_position_embeddings``) when that is smaller. Texts longer than
+    ``TEXT_BYTES_PER_TOKEN`` (32) bytes per allowed token are refused before tokenization."""
     max_queue_size: int = Field(1024, ge=1)
     """Most items waiting for the model before new requests get RESOURCE_EXHAUSTED."""
     max_batch_tokens: int = Field(16384, ge=1)
     """Most padded tokens (items x longest item) the server puts in one model batch."""
     max_wait_ms: float = Field(5.0, ge=0)
     """How long the oldest queued item waits for more items to fill a batch, in ms."""
+
+
+class StorageServerSettings(ModelServerSettings):
+    """Settings of a model service that takes filesystem paths in requests."""
+
+    storage_root: list[Path] = Field(default_factory=list)
+    """Directories that paths in requests must stay inside (repeat the flag for several;
+    relative request paths resolve in the first). ``..`` escapes and symlinks leading out are
+    refused. Empty = alignd's home (``ALIGND_HOME``). Prepared bundled models are always
+    readable."""

@@ -8,6 +8,7 @@ from alignd import __version__
 from alignd.v1 import common_pb2 as pb
 from alignd_server.common.config import ModelServerSettings, ServerSettings
 from alignd_server.common.models import LoadedModel
+from alignd_server.common.tokenization import max_text_bytes
 
 
 def model_info(loaded: LoadedModel) -> pb.ModelInfo:
@@ -43,6 +44,7 @@ def limits(settings: ServerSettings, **extra: int) -> pb.Limits:
             max_batch_size=settings.max_batch_size,
             max_sequence_length=settings.max_sequence_length,
             max_queue_size=settings.max_queue_size,
+            max_text_bytes=max_text_bytes(settings.max_sequence_length),
         )
     fields.update(extra)
     return pb.Limits(**fields)

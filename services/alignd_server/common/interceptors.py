@@ -11,6 +11,7 @@ rejections included, into a status code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -170,14 +171,17 @@ class ObservabilityInterceptor(ScopeInterceptor):
             code = context.code() or grpc.StatusCode.OK
         except AligndError as err:  # an undecodable request, outside the error interceptor
             code = err.code
-            await context.abort(err.code, err.message, _trailing(context))
+            await abort(context, err.code, err.message)
         except aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except GeneratorExit:  # a response stream closed because its caller stopped reading
+            code = grpc.StatusCode.CANCELLED
             raise
         except BaseException:
             code = grpc.StatusCode.UNKNOWN
@@ -197,7 +201,10 @@ class ObservabilityInterceptor(ScopeInterceptor):
             if code not in quiet and level > logging.DEBUG:
                 level = logging.WARNING if code != grpc.StatusCode.INTERNAL else logging.ERROR
             log.log(level, "rpc %s code=%s seconds=%.6f", method, code.name, seconds)
-            request_id_var.reset(token)
+            # A response stream's generator may be closed from another context (its caller
+            # cancelled): there the token is not valid, and nothing of ours is left to reset.
+            with contextlib.suppress(ValueError):
+                request_id_var.reset(token)
 
 
 def _as_status(code: Any) -> grpc.StatusCode:
@@ -234,30 +241,46 @@ class ErrorInterceptor(ScopeInterceptor):
         try:
             yield
         except AligndError as err:
-            await context.abort(err.code, err.message, _trailing(context))
+            await abort(context, err.code, err.message)
         except NotImplementedError:
             if context.code() != grpc.StatusCode.UNIMPLEMENTED:  # not an RPC the server lacks
                 log.exception("unhandled error in %s", method)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error (request id {request_id_var.get()}); see the server log",
-                    _trailing(context),
-                )
+                await abort(context, grpc.StatusCode.INTERNAL, _internal())
             _, name = split_method(method)
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{name} is not implemented by this server",
-                _trailing(context),
+            await abort(
+                context, grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server"
             )
-        except aio.AbortError:
+        except (aio.AbortError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception:
+            if context.cancelled():  # the caller went away; what failed was talking to it
+                raise asyncio.CancelledError from None
             log.exception("unhandled error in %s", method)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error (request id {request_id_var.get()}); see the server log",
-                _trailing(context),
-            )
+            await abort(context, grpc.StatusCode.INTERNAL, _internal())
+
+
+def _internal() -> str:
+    return f"internal error (request id {request_id_var.get()}); see the server log"
+
+
+async def abort(context: aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Ends the RPC with ``code``, the request id in the trailing metadata.
+
+    Raises:
+        aio.AbortError: always, as ``context.abort`` does.
+        asyncio.CancelledError: the caller is gone (it cancelled, or its deadline passed):
+            there is no one to answer, and the call counts as cancelled, not failed.
+    """
+    if context.cancelled():
+        raise asyncio.CancelledError
+    try:
+        await context.abort(code, message, _trailing(context))
+    except aio.AbortError:
+        raise
+    except Exception:  # the call ended under us: grpc could not send the status
+        if context.cancelled() or context.done():
+            raise asyncio.CancelledError from None
+        raise
 
 
 def _trailing(context: aio.ServicerContext) -> tuple[tuple[str, str], ...]:

@@ -3,13 +3,20 @@
 Names follow the Prometheus conventions: ``alignd_`` prefix, base units, ``_total`` counters,
 ``_seconds`` histograms. Each server owns a :class:`ServerMetrics` (and so a registry), which
 keeps several servers in one process (tests) apart.
+
+The endpoint is prometheus_client's WSGI app on a threading WSGI server; with a token file,
+a small WSGI wrapper asks for ``Authorization: Bearer <token>`` (checked like the gRPC tokens,
+in constant time) and answers 401 otherwise: prometheus_client's own server offers TLS but no
+token check, and Prometheus sends one with ``authorization: credentials_file``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,10 +26,12 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from alignd import __version__
+from alignd_server.common.auth import TokenVerifier, load_tokens
 
 # RPC latencies from a health check (~100 us) to a long generation (minutes).
 LATENCY_BUCKETS = (
@@ -70,9 +79,20 @@ class ServerMetrics:
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Starts the ``/metrics`` endpoint in a background thread; returns its bound port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, token_file: Path | None = None) -> int:
+        """Starts the ``/metrics`` endpoint in a background thread; returns its bound port.
+
+        Args:
+            host: interface to bind.
+            port: port (0 picks one).
+            token_file: bearer tokens the endpoint requires (one per line); None = open.
+        """
+        app = make_wsgi_app(self.registry)
+        if token_file is not None:
+            app = _require_token(app, TokenVerifier(load_tokens(token_file)))
+        self._http = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
         return self._http.server_port
 
     def close(self) -> None:
@@ -81,3 +101,25 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log on stderr: the server logs through ``logging``."""
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def _require_token(app: Callable, verifier: TokenVerifier) -> Callable:
+    """``app`` behind a bearer-token check."""
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if verifier.verify(environ.get("HTTP_AUTHORIZATION")):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+        )
+        return [b"missing or invalid bearer token\n"]
+
+    return guarded

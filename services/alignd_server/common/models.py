@@ -56,6 +56,8 @@ class LoadedModel:
         vocab_size: number of ids the tokenizer can produce.
         has_chat_template: whether the tokenizer can render chats.
         eos_token_id: the id that ends a sequence (eos, else sep), or ``None``.
+        max_positions: the longest sequence the model's position embeddings cover
+            (``max_position_embeddings``), or ``None`` when its config states none.
     """
 
     model: Any
@@ -69,6 +71,19 @@ class LoadedModel:
     vocab_size: int
     has_chat_template: bool
     eos_token_id: int | None
+    max_positions: int | None = None
+
+    def sequence_limit(self, configured: int) -> int:
+        """``configured`` (a server's max_sequence_length), lowered to :attr:`max_positions`
+        when the model covers fewer positions: a longer item would fail inside the model."""
+        if self.max_positions is None or configured <= self.max_positions:
+            return configured
+        logger.warning(
+            "max_sequence_length %d exceeds the position limit of %s (max_position_embeddings "
+            "%d); serving at most %d tokens per sequence",
+            configured, self.name, self.max_positions, self.max_positions,
+        )  # fmt: skip
+        return self.max_positions
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -141,7 +156,16 @@ def _finish(model: Any, tokenizer: Any, path: Path, device: str) -> LoadedModel:
         vocab_size=len(tokenizer),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         eos_token_id=end_token_id(tokenizer),
+        max_positions=_positions(model.config),
     )
+
+
+def _positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:

@@ -19,11 +19,12 @@ from typing import Protocol, runtime_checkable
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from alignd_server.common.auth import TokenVerifier, load_tokens
 from alignd_server.common.config import ServerSettings
+from alignd_server.common.health import NOT_SERVING, SERVING, HealthServicer
 from alignd_server.common.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -33,9 +34,6 @@ from alignd_server.common.interceptors import (
 from alignd_server.common.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @runtime_checkable
@@ -77,10 +75,14 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
 
 
 def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """Server channel arguments: message limits, keepalive, no silent port sharing."""
-    return [
+    """Server channel arguments: message and stream limits, connection lifetimes, keepalive,
+    no silent port sharing. The connection limits bound what a client that never finishes a
+    message can hold: at most max_concurrent_streams x max_message_bytes per connection, for
+    at most max_connection_age_s + max_connection_age_grace_s."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -88,6 +90,17 @@ def channel_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)))
+    if settings.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)))
+        grace = _ms(settings.max_connection_age_grace_s)
+        options.append(("grpc.max_connection_age_grace_ms", grace))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, min(int(seconds * 1000), 2**31 - 1))
 
 
 class Server:
@@ -111,7 +124,7 @@ class Server:
         self.settings = settings
         self.services = list(services)
         self.metrics = metrics or ServerMetrics(self.services[0].name)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.started_at = time.time()
         self.port = 0
         self.metrics_port = -1
@@ -136,7 +149,9 @@ class Server:
     async def start(self) -> None:
         """Binds and starts the server, then starts each service (models load here)."""
         server = aio.server(
-            interceptors=self._interceptors(), options=channel_options(self.settings)
+            interceptors=self._interceptors(),
+            options=channel_options(self.settings),
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [s.name for s in self.services]
@@ -161,7 +176,9 @@ class Server:
             where = f"{self.settings.metrics_host}:{self.settings.metrics_port}"
             try:
                 self.metrics_port = self.metrics.serve_http(
-                    self.settings.metrics_host, self.settings.metrics_port
+                    self.settings.metrics_host,
+                    self.settings.metrics_port,
+                    self.settings.metrics_auth_token_file,
                 )
             except OSError as err:
                 await server.stop(0)

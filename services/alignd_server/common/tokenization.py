@@ -23,6 +23,13 @@ tokenize differently at the boundary and adds template text (such as a trailing 
 
 Errors in a request raise :class:`~alignd_server.common.errors.InvalidArgument` naming the
 offending field, e.g. ``items[2].prompt: 3000 tokens exceed max_length 2048``.
+
+Texts are bounded before they are tokenized: a text (a prompt, a completion, or a chat's
+messages together) of more than :data:`TEXT_BYTES_PER_TOKEN` UTF-8 bytes per allowed token is
+refused without being read, so an oversized request costs what its limit allows, not what its
+sender chose. (Asking the tokenizer to truncate would not save that work: the fast tokenizers
+encode the whole text before they truncate. Within the byte bound the whole text is encoded,
+which keeps the token counts in errors exact.)
 """
 
 from __future__ import annotations
@@ -40,6 +47,33 @@ Prompt = str | Sequence[Mapping[str, str]] | Sequence[int] | np.ndarray
 Completion = str | Sequence[int] | np.ndarray | None
 Truncation = Literal["error", "left", "right"]
 TRUNCATIONS: tuple[str, ...] = ("error", "left", "right")
+TEXT_BYTES_PER_TOKEN = 32
+"""Bytes of text allowed per token of ``max_length``: far above what a tokenizer packs into a
+token of real text (about 4), so only texts that could not fit are refused unread."""
+
+
+MIN_TEXT_TOKENS = 2048
+"""Short limits still admit texts of this many tokens' worth of bytes (64 KiB), so that a
+request asking for truncation to a few tokens can send an ordinary text."""
+
+
+def max_text_bytes(max_length: int) -> int:
+    """The most UTF-8 bytes of text tokenized for a sequence of ``max_length`` tokens."""
+    return max(max_length, MIN_TEXT_TOKENS) * TEXT_BYTES_PER_TOKEN
+
+
+def check_text(text: str, field: str, limit: int) -> str:
+    """``text``, checked to be at most ``limit`` UTF-8 bytes without encoding more than needed.
+
+    Raises:
+        InvalidArgument: naming ``field`` and the limit.
+    """
+    if len(text) > limit or (len(text) * 4 > limit and len(text.encode("utf-8")) > limit):
+        raise InvalidArgument(
+            field,
+            f"is more than {limit} bytes of text ({TEXT_BYTES_PER_TOKEN} per token of max_length)",
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -91,7 +125,8 @@ def _check_ids(ids: Any, vocab_size: int, field: str) -> list[int]:
     return array.astype(np.int64).tolist()
 
 
-def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
+def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str, limit: int) -> str:
+    size = 0
     for j, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidArgument(f"{field}[{j}]", "every message must be a {role, content} map")
@@ -99,6 +134,9 @@ def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
             value = message.get(key)
             if not isinstance(value, str) or not value:
                 raise InvalidArgument(f"{field}[{j}].{key}", "must be a non-empty string")
+            size += len(check_text(value, f"{field}[{j}].{key}", limit).encode("utf-8"))
+    if size > limit:
+        raise InvalidArgument(field, f"the messages are more than {limit} bytes of text together")
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]
     if not getattr(tokenizer, "chat_template", None):
         return "\n".join(m["content"] for m in chat)
@@ -108,13 +146,14 @@ def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str) -> str:
         raise InvalidArgument(field, f"the chat template rejected these messages: {err}") from None
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any, field: str) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: Any, field: str, limit: int) -> list[int]:
     if isinstance(prompt, str):
-        ids = list(tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
+        text = check_text(prompt, field, limit)
+        ids = list(tokenizer.encode(text, add_special_tokens=True)) if prompt else []
     elif isinstance(prompt, np.ndarray) or (isinstance(prompt, Sequence) and not _is_chat(prompt)):
         ids = _check_ids(prompt, len(tokenizer), field)
     elif isinstance(prompt, Sequence):
-        text = _render_chat(tokenizer, prompt, field)
+        text = _render_chat(tokenizer, prompt, field, limit)
         templated = bool(getattr(tokenizer, "chat_template", None))
         ids = list(tokenizer.encode(text, add_special_tokens=not templated))
     else:
@@ -125,11 +164,13 @@ def _prompt_ids(tokenizer: Any, prompt: Any, field: str) -> list[int]:
     return ids
 
 
-def _completion_ids(tokenizer: Any, completion: Any, field: str) -> list[int]:
+def _completion_ids(tokenizer: Any, completion: Any, field: str, limit: int) -> list[int]:
     if completion is None:
         return []
     if isinstance(completion, str):
-        return list(tokenizer.encode(completion, add_special_tokens=False))
+        return list(
+            tokenizer.encode(check_text(completion, field, limit), add_special_tokens=False)
+        )
     return _check_ids(completion, len(tokenizer), field)
 
 
@@ -165,15 +206,17 @@ def tokenize(
     Raises:
         InvalidArgument: empty prompt, empty chat or message, unknown token ids, a chat sent to
             a model without a chat template or rejected by it, ``append_eos`` with a tokenizer
-            that has no end token, or too many ids with ``truncation="error"``.
+            that has no end token, a text longer than :func:`max_text_bytes`, or too many ids
+            with ``truncation="error"``.
         ValueError: a bad ``max_length``/``truncation`` (server configuration errors).
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    prompt_ids = _prompt_ids(tokenizer, prompt, field)
-    completion_ids = _completion_ids(tokenizer, completion, completion_field)
+    limit = max_text_bytes(max_length)
+    prompt_ids = _prompt_ids(tokenizer, prompt, field, limit)
+    completion_ids = _completion_ids(tokenizer, completion, completion_field, limit)
     if completion is not None and append_eos:
         eos = end_token_id(tokenizer)
         if eos is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,11 +82,64 @@ def prompt_lengths(
     return lengths
 
 
-def positive(message, field: str, *, default: float) -> float:
-    """An optional float field that must be finite and > 0 when set; ``default`` when unset."""
-    if not message.HasField(field):
-        return default
-    value = getattr(message, field)
-    if not np.isfinite(value) or value <= 0:
-        raise InvalidArgument(field, f"must be a finite number > 0, got {value}")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MIN_TEMPERATURE = 0.01
+"""Smallest sampling/scoring temperature above 0: below it logits / T overflows float32 on
+ordinary logits (vLLM raises smaller temperatures to the same floor)."""
+MAX_TEMPERATURE = 100.0
+MAX_VERSION = 2**53 - 1
+"""Largest weights version: exact as a float (Prometheus gauges, JSON)."""
+MAX_VERSION_STEP = 2**32
+"""Most a weight update may advance the version, so that no update can exhaust the range."""
+
+
+def in_range(
+    value: float, field: str, low: float, high: float, *, open_low: bool = False,
+    open_high: bool = False,
+) -> float:  # fmt: skip
+    """``value`` as a float, checked to be finite and inside the interval.
+
+    Raises:
+        InvalidArgument: naming ``field`` and the interval.
+    """
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise InvalidArgument(field, f"must be in {interval}, got {value!r}")
     return float(value)
+
+
+def optional_in_range(
+    message, name: str, field: str, default: float, low: float, high: float, **open_ends: bool
+) -> float:
+    """An optional float field checked by :func:`in_range`; ``default`` when unset."""
+    if not message.HasField(name):
+        return default
+    return in_range(getattr(message, name), field, low, high, **open_ends)
+
+
+def temperature(message, field: str = "temperature") -> float:
+    """An optional temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE]; 1 when unset."""
+    return optional_in_range(message, "temperature", field, 1.0, MIN_TEMPERATURE, MAX_TEMPERATURE)
+
+
+def check_version(version: int, serving: int, field: str) -> int:
+    """A new weights version: above ``serving``, at most MAX_VERSION_STEP above it and at most
+    MAX_VERSION.
+
+    Raises:
+        InvalidArgument: naming ``field``.
+    """
+    if version <= serving:
+        raise InvalidArgument(
+            field, f"{version} must be greater than the serving version {serving}"
+        )
+    highest = min(serving + MAX_VERSION_STEP, MAX_VERSION)
+    if version > highest:
+        raise InvalidArgument(
+            field,
+            f"{version} is above {highest}: a version may advance at most {MAX_VERSION_STEP} "
+            f"past the serving one and stay at most {MAX_VERSION}",
+        )
+    return version

@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import StorageServerSettings
 
 
-class GenerationSettings(ModelServerSettings):
+class GenerationSettings(StorageServerSettings):
     """Generation service settings."""
 
     port: int = Field(50051, ge=0, le=65535)
@@ -21,6 +21,14 @@ class GenerationSettings(ModelServerSettings):
     """Generation engine: ``hf`` (transformers generate, embedded default) or ``vllm``."""
     max_new_tokens: int = Field(1024, ge=1)
     """Most tokens generated per completion."""
+    max_request_tokens: int = Field(65536, ge=1)
+    """Most tokens one Generate request may hold in the KV cache: the sum over its rows
+    (prompts x n) of prompt tokens + max_new_tokens."""
+    update_idle_timeout_s: float = Field(60.0, gt=0)
+    """An UpdateWeights stream that sends nothing for this long is dropped (the update lock is
+    released; the serving weights are unchanged)."""
+    update_timeout_s: float = Field(3600.0, gt=0)
+    """Most seconds one UpdateWeights stream may take from its first message to its commit."""
 
 
 def vllm_environment() -> None:

@@ -3,7 +3,8 @@
 Log-probs are those of the *sampled* token under ``log_softmax(logits / T)``, computed before
 top-k / top-p filtering (temperature 0, greedy, counts as T = 1): the behaviour policy's
 log-probs that importance correction and PPO ratios need, and what the trainer and reference
-service compute for the same temperature.
+service compute for the same temperature. A temperature is 0 (greedy) or in
+[``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``]: below 0.01, logits / T overflows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from alignd.v1 import generation_pb2
 from alignd_server.common.errors import InvalidArgument
+from alignd_server.common.validation import MAX_TEMPERATURE, MIN_TEMPERATURE, in_range
 
 MAX_N = 64
 MAX_STOP_STRINGS = 16
@@ -54,8 +56,8 @@ def sampling_from_proto(
     if not 1 <= params.max_new_tokens <= max_new_tokens:
         raise bad("max_new_tokens", f"{params.max_new_tokens} is outside [1, {max_new_tokens}]")
     temperature = params.temperature if params.HasField("temperature") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise bad("temperature", f"must be a finite number >= 0, got {temperature}")
+    if temperature != 0:
+        in_range(temperature, "params.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise bad("top_p", f"{top_p} is outside (0, 1]")

@@ -3,32 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 from grpc import aio
 
+from alignd.clients.generation import ACCEPTED_KEY
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from alignd_server.common.errors import Aborted, InvalidArgument
+from alignd_server.common.errors import Aborted, DeadlineExceeded, InvalidArgument
 from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
+from alignd_server.common.storage import StorageRoots
 from alignd_server.common.tokenization import tokenize
 from alignd_server.common.tokenize_rpc import prompt_from_proto, serve_tokenize
+from alignd_server.common.validation import check_version
 from alignd_server.generation.config import GenerationSettings
 from alignd_server.generation.hf_engine import HFEngine, Output
 from alignd_server.generation.metrics import GenerationMetrics
 from alignd_server.generation.sampling import Sampling, sampling_from_proto
-from alignd_server.generation.weights import StreamAssembler, named_parameters, read_directory
+from alignd_server.generation.weights import (
+    StreamAssembler,
+    check_finite,
+    named_parameters,
+    read_directory,
+)
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
 FINISH = {
     "eos": generation_pb2.FINISH_REASON_EOS,
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
+
+
+async def _drain(messages) -> None:
+    """Reads and drops what is left of a request stream (bounded by its pacing limits)."""
+    with contextlib.suppress(DeadlineExceeded):
+        async for _ in messages:
+            pass
 
 
 def _completion(output: Output) -> generation_pb2.Completion:
@@ -51,6 +68,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.started_at = time.time()
         self.metrics = GenerationMetrics(metrics.registry)
         self.engine: HFEngine | None = None
+        self.roots = StorageRoots(settings.storage_root)
         self._updating = asyncio.Lock()
 
     def register(self, server: aio.Server) -> None:
@@ -58,6 +76,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def start(self) -> None:
         loaded = await self.holder.load_configured(self.settings, load_causal_lm)
+        limit = loaded.sequence_limit(self.settings.max_sequence_length)
+        self.settings = self.settings.model_copy(update={"max_sequence_length": limit})
         if self.settings.engine == "vllm":
             from alignd_server.generation.vllm_engine import VLLMEngine
 
@@ -108,6 +128,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.batch_size.observe(sum(len(group) for group in outputs))
         self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
 
+    def _check_work(self, prompts: list, sampling: Sampling, field: str) -> None:
+        """The request's rows (prompts x n) must fit max_request_tokens in the KV cache."""
+        total = sampling.n * sum(len(p) + sampling.max_new_tokens for p in prompts)
+        limit = self.settings.max_request_tokens
+        if total > limit:
+            raise InvalidArgument(
+                field,
+                f"{len(prompts)} prompts x n {sampling.n} need {total} tokens (prompt + "
+                f"max_new_tokens per row), more than max_request_tokens {limit}",
+            )
+
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context
     ) -> generation_pb2.GenerateResponse:
@@ -119,7 +150,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 f"{count} prompts, must be 1 .. max_batch_size {self.settings.max_batch_size}",
             )
         sampling = self._sampling(request.params)
+        self._check_work([()] * count, sampling, "prompts")  # before tokenizing anything
         prompts = await asyncio.to_thread(self._prompts, request.prompts, sampling)
+        self._check_work(prompts, sampling, "prompts")
         start = time.perf_counter()
         first: list[float] = []
         outputs, version = await engine.generate(
@@ -144,7 +177,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         engine = self._engine()
         sampling = self._sampling(request.params)
+        self._check_work([()], sampling, "prompt")
         (prompt,) = await asyncio.to_thread(self._prompts, [request.prompt], sampling, "prompt")
+        self._check_work([prompt], sampling, "prompt")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         rows: list[list[int]] = [[] for _ in range(sampling.n)]
@@ -187,48 +222,87 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         finally:
             task.cancel()
 
+    async def _paced(self, requests) -> AsyncIterator[generation_pb2.UpdateWeightsRequest]:
+        """The messages of an update stream; each must come within update_idle_timeout_s of
+        the one before, and all within update_timeout_s, or the update is dropped."""
+        idle, total = self.settings.update_idle_timeout_s, self.settings.update_timeout_s
+        deadline = time.monotonic() + total
+        iterator = aiter(requests)
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                part = await asyncio.wait_for(anext(iterator), max(0.0, min(idle, remaining)))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                limit = (
+                    f"update_idle_timeout_s {idle:g}: no message came for that long"
+                    if idle < remaining
+                    else f"update_timeout_s {total:g}: the update took that long"
+                )
+                raise DeadlineExceeded(
+                    f"weight update dropped after {limit}; the serving weights are unchanged"
+                ) from None
+            yield part
+
     async def UpdateWeights(
         self, request_iterator, context
     ) -> generation_pb2.UpdateWeightsResponse:
+        """Takes the header and answers it — response headers carrying ``alignd-update:
+        accepted`` mean: send the chunks — then takes the chunks and the commit. A sender that
+        waits for that answer after its header (the SDK's asyncio client does) sees a rejected
+        header's status rather than a failed write, and sends no weights for nothing."""
         engine = self._engine()
-        if self._updating.locked():
+        messages = self._paced(request_iterator)
+        header = await anext(messages, None)  # read before answering, so the header's write
+        if self._updating.locked():  # cannot race the answer
             raise Aborted("another weight update is in progress; retry after it finishes")
         async with self._updating:
             start = time.perf_counter()
             assembler = StreamAssembler(named_parameters(engine.model), engine.version)
-            tensors, index = None, 0
-            async for part in request_iterator:
-                if tensors is not None:
-                    raise InvalidArgument(f"messages[{index}]", "nothing may follow the commit")
-                tensors = assembler.add(index, part)
-                index += 1
-            if tensors is None:
-                raise InvalidArgument(
-                    "commit",
-                    "the stream ended before its commit; the serving weights are unchanged",
-                )
-            header = assembler.header
-            await engine.swap(tensors, header.version)
+            if header is None:
+                raise InvalidArgument("messages", "the stream is empty; it starts with a header")
+            assembler.add(0, header)
+            await context.send_initial_metadata(((ACCEPTED_KEY, "accepted"),))
+            try:
+                tensors = await self._assemble(assembler, messages)
+            except InvalidArgument:
+                await _drain(messages)  # the sender is still writing: let it finish, so that
+                raise  # it reads this status rather than a failed write
+            await engine.swap(tensors, assembler.header.version)
             return self._updated(
-                header.version, len(tensors), assembler.total, start, header.partial
+                assembler.header.version, len(tensors), assembler.total, start,
+                assembler.header.partial,
+            )  # fmt: skip
+
+    async def _assemble(self, assembler: StreamAssembler, messages) -> dict:
+        """The chunks and commit after the header; the checked tensors."""
+        tensors, index = None, 1
+        async for part in messages:
+            if tensors is not None:
+                raise InvalidArgument(f"messages[{index}]", "nothing may follow the commit")
+            tensors = assembler.add(index, part)
+            index += 1
+        if tensors is None:
+            raise InvalidArgument(
+                "commit", "the stream ended before its commit; the serving weights are unchanged"
             )
+        await asyncio.to_thread(check_finite, tensors, assembler.field)
+        return tensors
 
     async def LoadWeights(
         self, request: generation_pb2.LoadWeightsRequest, context
     ) -> generation_pb2.UpdateWeightsResponse:
         engine = self._engine()
-        if request.version <= engine.version:
-            raise InvalidArgument(
-                "version",
-                f"{request.version} must be greater than the serving version {engine.version}",
-            )
+        check_version(request.version, engine.version, "version")
+        directory = self.roots.resolve(request.path, "path")
         if self._updating.locked():
             raise Aborted("another weight update is in progress; retry after it finishes")
         async with self._updating:
             start = time.perf_counter()
             params = named_parameters(engine.model)
             tensors, size = await asyncio.to_thread(
-                read_directory, request.path, params, request.partial
+                read_directory, directory, self.roots, params, request.partial
             )
             await engine.swap(tensors, request.version)
             return self._updated(request.version, len(tensors), size, start, request.partial)
@@ -258,6 +332,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self.started_at,
             self.holder.require(),
             max_new_tokens=self.settings.max_new_tokens,
+            max_request_tokens=self.settings.max_request_tokens,
         )
         return generation_pb2.GenerationInfo(
             server=info, engine=self.settings.engine, weights_version=self._engine().version

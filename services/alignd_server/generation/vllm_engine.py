@@ -42,11 +42,6 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 
-def _positions(loaded: LoadedModel) -> int:
-    """The longest sequence the model's position embeddings cover."""
-    return int(getattr(loaded.model.config, "max_position_embeddings", None) or 1 << 30)
-
-
 class VLLMEngine:
     """Generation with vLLM, one request per ``LLM.generate`` call."""
 
@@ -64,7 +59,7 @@ class VLLMEngine:
         self.llm = vllm.LLM(
             model=str(Path(loaded.path)),
             dtype=settings.dtype,
-            max_model_len=min(settings.max_sequence_length, _positions(loaded)),
+            max_model_len=settings.max_sequence_length,  # within the model's positions
             enforce_eager=settings.device == "cpu",
             logprobs_mode="processed_logprobs",
             seed=0,

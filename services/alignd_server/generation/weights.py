@@ -1,22 +1,28 @@
 """Assembling weight updates: an UpdateWeights stream or a safetensors directory.
 
 Names are those of the model's ``state_dict`` (tied weights answer to every name they have);
-shapes must match exactly; values are converted to the model's dtype on load. Nothing is
-applied until the update is complete and checked, so a broken, partial or mismatched update
-leaves the serving weights alone.
+shapes must match exactly; values must be floating point and finite (no NaN or infinity) and
+are converted to the model's dtype on load. Nothing is applied until the update is complete
+and checked, so a broken, partial, mismatched or non-finite update leaves the serving weights
+alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from alignd.v1 import common_pb2, generation_pb2
 from alignd_server.common.errors import InvalidArgument
+from alignd_server.common.storage import StorageRoots
+from alignd_server.common.validation import check_version
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+FINITE_CHECK_ELEMENTS = 1 << 24
+"""Elements checked for NaN/infinity at once (bounds the check's temporary memory)."""
 TORCH_DTYPES = {
     common_pb2.DTYPE_FLOAT32: torch.float32,
     common_pb2.DTYPE_FLOAT16: torch.float16,
@@ -46,6 +52,28 @@ def check_complete(names: set[str], params: dict[str, torch.nn.Parameter], field
         )
 
 
+def check_finite(tensors: dict[str, torch.Tensor], field: Callable[[str], str]) -> None:
+    """Every tensor must be floating point and finite.
+
+    Args:
+        tensors: the update, by parameter name.
+        field: the request field that carried a tensor, by its name (for errors).
+
+    Raises:
+        InvalidArgument: naming the field and the tensor.
+    """
+    for name, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            raise InvalidArgument(field(name), f"{name!r} is {tensor.dtype}, not floating point")
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
+            if not bool(torch.isfinite(flat[start : start + FINITE_CHECK_ELEMENTS]).all()):
+                raise InvalidArgument(
+                    field(name),
+                    f"{name!r} holds NaN or infinite values; the serving weights are unchanged",
+                )
+
+
 class StreamAssembler:
     """Collects one UpdateWeights stream: a header, chunks in order, a commit."""
 
@@ -56,6 +84,7 @@ class StreamAssembler:
         self.buffers: dict[str, bytearray] = {}
         self.received: dict[str, int] = {}
         self.specs: dict[str, generation_pb2.TensorSpec] = {}
+        self.index: dict[str, int] = {}  # name -> position in the header
         self.total = 0
 
     def add(self, index: int, part: generation_pb2.UpdateWeightsRequest) -> dict | None:
@@ -75,12 +104,12 @@ class StreamAssembler:
             raise InvalidArgument(f"messages[{index}]", "one of header, chunk, commit must be set")
         return None
 
+    def field(self, name: str) -> str:
+        """The header entry of tensor ``name``, for errors."""
+        return f"header.tensors[{self.index[name]}]"
+
     def _header(self, header: generation_pb2.WeightsHeader) -> None:
-        if header.version <= self.serving_version:
-            raise InvalidArgument(
-                "header.version",
-                f"{header.version} must be greater than the serving version {self.serving_version}",
-            )
+        check_version(header.version, self.serving_version, "header.version")
         if not header.tensors:
             raise InvalidArgument("header.tensors", "must not be empty")
         for i, spec in enumerate(header.tensors):
@@ -98,6 +127,7 @@ class StreamAssembler:
                 )
             size = TORCH_DTYPES[spec.dtype].itemsize * self.params[spec.name].numel()
             self.specs[spec.name] = spec
+            self.index[spec.name] = i
             self.buffers[spec.name] = bytearray(size)
             self.received[spec.name] = 0
         if not header.partial:
@@ -140,31 +170,49 @@ class StreamAssembler:
 
 
 def read_directory(
-    path: str, params: dict[str, torch.nn.Parameter], partial: bool
+    directory: Path, roots: StorageRoots, params: dict[str, torch.nn.Parameter], partial: bool
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Reads the weights of a directory: its ``model*.safetensors`` files (a model or trainer
-    checkpoint, whose training-state files are skipped), else every ``*.safetensors`` file;
-    returns the tensors and their bytes."""
-    directory = Path(path)
-    if not path or not directory.is_dir():
-        raise InvalidArgument("path", f"{path!r} is not a directory the server can read")
+    """Reads the weights of a directory (already confined to ``roots``): its
+    ``model*.safetensors`` files (a model or trainer checkpoint, whose training-state files are
+    skipped), else every ``*.safetensors`` file; returns the tensors and their bytes.
+
+    Raises:
+        InvalidArgument: naming ``path``: not a directory, no weights, a file leading outside
+            the storage roots, a file that is not valid safetensors, names or shapes that do
+            not fit the model, non-floating or non-finite values, or (not ``partial``) missing
+            parameters.
+    """
+    if not directory.is_dir():
+        raise InvalidArgument("path", f"{str(directory)!r} is not a directory the server can read")
     files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
     if not files:
-        raise InvalidArgument("path", f"{path!r} holds no *.safetensors file")
+        raise InvalidArgument("path", f"{str(directory)!r} holds no *.safetensors file")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if name not in params:
-                    raise InvalidArgument("path", f"{file.name}: {name!r} is not a model parameter")
-                tensor = reader.get_tensor(name)
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise InvalidArgument(
-                        "path",
-                        f"{file.name}: {name!r} has shape {list(tensor.shape)}, "
-                        f"expected {list(params[name].shape)}",
-                    )
-                tensors[name] = tensor
+        roots.resolve(str(file), "path")  # a symlink in the directory may lead elsewhere
+        try:
+            tensors.update(_read_file(file, params))
+        except (SafetensorError, OSError) as err:
+            message = f"{file.name} is not a readable safetensors file: {err}"
+            raise InvalidArgument("path", message) from None
     if not partial:
         check_complete(set(tensors), params, "path")
+    check_finite(tensors, lambda name: "path")
     return tensors, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _read_file(file: Path, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    with safe_open(str(file), framework="pt") as reader:
+        for name in reader.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            if name not in params:
+                raise InvalidArgument("path", f"{file.name}: {name!r} is not a model parameter")
+            tensor = reader.get_tensor(name)
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise InvalidArgument(
+                    "path",
+                    f"{file.name}: {name!r} has shape {list(tensor.shape)}, "
+                    f"expected {list(params[name].shape)}",
+                )
+            tensors[name] = tensor
+    return tensors

@@ -15,7 +15,7 @@ from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.models import load_causal_lm
 from alignd_server.common.tokenize_rpc import serve_tokenize
-from alignd_server.common.validation import positive, prompt_lengths, token_rows
+from alignd_server.common.validation import prompt_lengths, temperature, token_rows
 from alignd_server.reference.config import ReferenceSettings
 from alignd_server.reference.logprobs import LogprobEngine
 
@@ -39,6 +39,8 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
 
     async def start(self) -> None:
         loaded = await self.holder.load_configured(self.settings, load_causal_lm)
+        limit = loaded.sequence_limit(self.settings.max_sequence_length)
+        self.settings = self.settings.model_copy(update={"max_sequence_length": limit})
         self.engine = LogprobEngine(loaded, self.settings, self._metrics)
         self.engine.batcher.start()
 
@@ -52,6 +54,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
     ) -> reference_pb2.ComputeLogprobsResponse:
         self.holder.require()
         engine = self.engine
+        engine.batcher.check_capacity(len(request.input_ids.lengths))  # before decoding
         rows = token_rows(
             request.input_ids,
             "input_ids",
@@ -61,8 +64,9 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
             min_length=2,
         )
         prompts = prompt_lengths(request.prompt_lengths, rows, "prompt_lengths")
-        temperature = positive(request, "temperature", default=1.0)
-        logprobs = await engine.logprobs(rows, prompts.tolist(), temperature, deadline_of(context))
+        logprobs = await engine.logprobs(
+            rows, prompts.tolist(), temperature(request), deadline_of(context)
+        )
         response = reference_pb2.ComputeLogprobsResponse(
             logprobs=from_ragged(logprobs, common_pb2.DTYPE_FLOAT32)
         )

@@ -14,6 +14,10 @@ class RewardSettings(ModelServerSettings):
     """gRPC port; 0 picks a free port."""
     metrics_port: int = Field(9092, ge=-1, le=65535)
     """Prometheus port; 0 picks a free port, -1 disables it."""
+    max_connection_age_s: float | None = Field(3600.0, gt=0)
+    """Ask a client connection to go away (HTTP/2 GOAWAY) after this long, whatever it carries;
+    with ``max_connection_age_grace_s`` this bounds how long a connection, and anything it has
+    half sent, stays in memory. Unset = connections live as long as their clients."""
     model: str = "minilm-l6"
     """Model of the scorer named ``default``: a bundled name or a local sequence-classifier
     directory with one label; ``none`` for no default model scorer."""

@@ -29,7 +29,7 @@ from alignd_server.common.config import ModelServerSettings
 from alignd_server.common.errors import InvalidArgument
 from alignd_server.common.forward import pad_right, sequence_scores
 from alignd_server.common.models import LoadedModel, load_sequence_classifier
-from alignd_server.common.tokenization import tokenize
+from alignd_server.common.tokenization import check_text, max_text_bytes, tokenize
 
 NORMALIZATION_FILE = "alignd_reward.json"
 
@@ -74,6 +74,10 @@ class Scorer(Protocol):
 
     name: str
     kind: str  # "model" or "function"
+    max_length: int  # most tokens of one (prompt, response) item
+
+    def check_capacity(self, count: int) -> None:
+        """Raises ResourceExhausted now if ``count`` more items cannot be queued."""
 
     async def score(self, inputs: Sequence[ScoreInput], deadline: float | None) -> np.ndarray:
         """(N,) float32 scores of ``inputs``."""
@@ -109,11 +113,15 @@ class ModelScorer:
         self.loaded = loaded
         self.settings = settings
         self.normalization = Normalization.for_model(Path(loaded.path))
+        self.max_length = loaded.sequence_limit(settings.max_sequence_length)
         self._pad_id = loaded.tokenizer.pad_token_id
         self.batcher = _batcher(name, self._run, settings, metrics, tokens=True)
 
     def start(self) -> None:
         self.batcher.start()
+
+    def check_capacity(self, count: int) -> None:
+        self.batcher.check_capacity(count)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -125,7 +133,7 @@ class ModelScorer:
                 self.loaded.tokenizer,
                 item.prompt,
                 item.response,
-                max_length=self.settings.max_sequence_length,
+                max_length=self.max_length,
                 field=item.prompt_field,
                 completion_field=item.response_field,
             ).input_ids
@@ -163,11 +171,15 @@ class FunctionScorer:
     def __init__(self, name: str, spec: str, settings: ModelServerSettings, metrics) -> None:
         self.name = name
         self.function = spec
+        self.max_length = settings.max_sequence_length
         self._fn = import_function(spec)
         self.batcher = _batcher(name, self._run, settings, metrics, tokens=False)
 
     def start(self) -> None:
         self.batcher.start()
+
+    def check_capacity(self, count: int) -> None:
+        self.batcher.check_capacity(count)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -187,6 +199,13 @@ class FunctionScorer:
         return [self._call(item) for item in inputs]
 
     async def score(self, inputs: Sequence[ScoreInput], deadline: float | None) -> np.ndarray:
+        limit = max_text_bytes(self.max_length)  # the bound a model scorer's tokenizer applies
+        for item in inputs:
+            check_text(item.response, item.response_field, limit)
+            texts = [item.prompt] if isinstance(item.prompt, str) else item.prompt
+            for text in texts:
+                check_text(text if isinstance(text, str) else text["content"],
+                           item.prompt_field, limit)  # fmt: skip
         results = await self.batcher.submit(inputs, [1] * len(inputs), deadline)
         for result in results:
             if isinstance(result, Exception):

@@ -14,6 +14,7 @@ from alignd_server.common.errors import FailedPrecondition, InvalidArgument, Una
 from alignd_server.common.holder import in_daemon_thread
 from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
+from alignd_server.common.tokenization import check_text, max_text_bytes
 from alignd_server.reward.config import RewardSettings
 from alignd_server.reward.scorers import ModelScorer, PromptValue, ScoreInput, Scorer, load_scorers
 
@@ -44,8 +45,8 @@ def _text(value: str, field: str) -> str:
     return value
 
 
-def _label(item) -> str | None:
-    return item.label if item.HasField("label") else None
+def _label(item, field: str, limit: int) -> str | None:
+    return check_text(item.label, field, limit) if item.HasField("label") else None
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -100,11 +101,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
         scorer = self._scorer(request.scorer)
         self._check_count(len(request.items))
+        scorer.check_capacity(len(request.items))  # a refusal costs no tokenization
+        limit = max_text_bytes(scorer.max_length)
         inputs = [
             ScoreInput(
                 _prompt(item, f"items[{i}]"),
                 _text(item.response, f"items[{i}].response"),
-                _label(item),
+                _label(item, f"items[{i}].label", limit),
                 f"items[{i}].prompt",
                 f"items[{i}].response",
             )
@@ -118,6 +121,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     ) -> reward_pb2.CompareResponse:
         scorer = self._scorer(request.scorer)
         self._check_count(len(request.items))
+        scorer.check_capacity(2 * len(request.items))
+        limit = max_text_bytes(scorer.max_length)
         inputs = []
         for side in ("a", "b"):
             for i, item in enumerate(request.items):
@@ -127,7 +132,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     ScoreInput(
                         _prompt(item, f"items[{i}]"),
                         response,
-                        _label(item),
+                        _label(item, f"items[{i}].label", limit),
                         f"items[{i}].prompt",
                         field,
                     )
@@ -152,10 +157,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )  # fmt: skip
         scorers = []
         for scorer in self.scorers.values():
+            limits = common_pb2.Limits()
+            limits.CopyFrom(info.limits)
+            limits.max_sequence_length = scorer.max_length
+            limits.max_text_bytes = max_text_bytes(scorer.max_length)
             entry = reward_pb2.ScorerInfo(
-                name=scorer.name,
-                limits=info.limits,
-                is_default=scorer is default,
+                name=scorer.name, limits=limits, is_default=scorer is default
             )
             if isinstance(scorer, ModelScorer):
                 norm = scorer.normalization

@@ -6,19 +6,25 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import StorageServerSettings
+from alignd_server.trainer.targets import split_address
 
 
-class TrainerSettings(ModelServerSettings):
+class TrainerSettings(StorageServerSettings):
     """Trainer service settings. ``model`` is the default of ``Initialize.model_path``."""
 
     port: int = Field(50054, ge=0, le=65535)
     """gRPC port; 0 picks a free port."""
     metrics_port: int = Field(9094, ge=-1, le=65535)
     """Prometheus port; 0 picks a free port, -1 disables it."""
+    push_targets: list[str] = Field(default_factory=list)
+    """Generation services PushWeights may connect to, each ``HOST:PORT``: a target must be
+    listed, or be an address that the listed DNS name resolves to (a headless Service's
+    records are its pods). Repeat the flag for several. Empty = PushWeights refuses every
+    target; the push credentials go to allowed targets only."""
     push_token_file: Path | None = None
     """Bearer token (first line of the file) PushWeights presents to generation services."""
     push_tls_ca: Path | None = None
@@ -41,6 +47,13 @@ class TrainerSettings(ModelServerSettings):
     """Collective backend: ``auto`` = nccl on CUDA devices, gloo on CPU."""
     dist_timeout_s: float = Field(1800.0, gt=0)
     """How long a collective may wait for the other ranks before the group fails."""
+
+    @field_validator("push_targets")
+    @classmethod
+    def _push_targets(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            split_address(entry)
+        return entries
 
 
 class RankEnvironment(BaseSettings):

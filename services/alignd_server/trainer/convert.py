@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from alignd.models import resolve_model
 from alignd.tensors import TensorError, to_numpy, to_ragged
 from alignd.v1 import trainer_pb2
 from alignd_server.common.errors import InvalidArgument
-from alignd_server.common.validation import positive, prompt_lengths, token_rows
+from alignd_server.common.storage import StorageRoots
+from alignd_server.common.validation import (
+    FLOAT32_MAX,
+    in_range,
+    optional_in_range,
+    prompt_lengths,
+    token_rows,
+)
+from alignd_server.common.validation import temperature as temperature_of
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import Batch, InitSpec
 from alignd_server.trainer.lora import LoraSpec
@@ -27,36 +33,41 @@ SCHEDULES = {
 }
 DPO_VARIANTS = {0: "sigmoid", 1: "ipo", 2: "hinge", 3: "robust"}
 MAX_LORA_RANK = 1024
+MAX_LORA_ALPHA = 1e4
 
 
-def _opt(message, name: str, default: float) -> float:
-    return getattr(message, name) if message.HasField(name) else default
+# Ranges of the optimizer settings: wide enough for any real run, narrow enough that a value
+# cannot turn the weights into NaN on the first step.
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 10.0
 
 
-def init_spec(request: trainer_pb2.InitializeRequest, settings: TrainerSettings) -> InitSpec:
-    """Validates an InitializeRequest."""
+def init_spec(
+    request: trainer_pb2.InitializeRequest, settings: TrainerSettings, roots: StorageRoots
+) -> InitSpec:
+    """Validates an InitializeRequest; a ``model_path`` must lie inside the storage roots (or
+    name a prepared bundled model)."""
     if request.kind not in KINDS:
         raise InvalidArgument("kind", "must be CAUSAL_LM, CAUSAL_LM_VALUE or SEQUENCE_CLASSIFIER")
     try:
         path = str(resolve_model(request.model_path or settings.model))
     except FileNotFoundError as err:
         raise InvalidArgument("model_path", str(err)) from None
+    if request.model_path:
+        path = str(roots.resolve(path, "model_path"))
     dtype = request.dtype or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InvalidArgument("dtype", f"{dtype!r} must be float32, bfloat16 or float16")
     opt = request.optimizer
-    lr, eps = _opt(opt, "lr", 1e-5), _opt(opt, "eps", 1e-8)
-    betas = (_opt(opt, "beta1", 0.9), _opt(opt, "beta2", 0.999))
-    weight_decay = _opt(opt, "weight_decay", 0.0)
-    if not (math.isfinite(lr) and lr > 0):
-        raise InvalidArgument("optimizer.lr", f"must be > 0, got {lr}")
-    for name, beta in zip(("beta1", "beta2"), betas, strict=True):
-        if not 0 <= beta < 1:
-            raise InvalidArgument(f"optimizer.{name}", f"{beta} is outside [0, 1)")
-    if not eps > 0:
-        raise InvalidArgument("optimizer.eps", f"must be > 0, got {eps}")
-    if not weight_decay >= 0:
-        raise InvalidArgument("optimizer.weight_decay", f"must be >= 0, got {weight_decay}")
+    lr = optional_in_range(opt, "lr", "optimizer.lr", 1e-5, 0, MAX_LR, open_low=True)
+    eps = optional_in_range(opt, "eps", "optimizer.eps", 1e-8, 0, 1, open_low=True)
+    betas = tuple(
+        optional_in_range(opt, name, f"optimizer.{name}", default, 0, 1, open_high=True)
+        for name, default in (("beta1", 0.9), ("beta2", 0.999))
+    )
+    weight_decay = optional_in_range(
+        opt, "weight_decay", "optimizer.weight_decay", 0.0, 0, MAX_WEIGHT_DECAY
+    )
     schedule = request.schedule
     if schedule.kind not in SCHEDULES:
         raise InvalidArgument("schedule.kind", f"unknown value {schedule.kind}")
@@ -69,11 +80,8 @@ def init_spec(request: trainer_pb2.InitializeRequest, settings: TrainerSettings)
             "schedule.total_steps",
             f"{schedule.total_steps} must exceed warmup_steps {schedule.warmup_steps}",
         )
-    if not 0 <= schedule.min_lr_ratio <= 1:
-        raise InvalidArgument("schedule.min_lr_ratio", "must be in [0, 1]")
-    max_norm = request.max_grad_norm if request.HasField("max_grad_norm") else None
-    if max_norm is not None and not (math.isfinite(max_norm) and max_norm >= 0):
-        raise InvalidArgument("max_grad_norm", f"must be >= 0, got {max_norm}")
+    in_range(schedule.min_lr_ratio, "schedule.min_lr_ratio", 0, 1)
+    max_norm = optional_in_range(request, "max_grad_norm", "max_grad_norm", 0.0, 0, FLOAT32_MAX)
     return InitSpec(
         path=path, kind=KINDS[request.kind], dtype=dtype, lr=lr, betas=betas, eps=eps,
         weight_decay=weight_decay, schedule=SCHEDULES[schedule.kind],
@@ -88,9 +96,9 @@ def init_spec(request: trainer_pb2.InitializeRequest, settings: TrainerSettings)
 def _lora(message: trainer_pb2.LoraConfig) -> LoraSpec:
     if not 1 <= message.r <= MAX_LORA_RANK:
         raise InvalidArgument("lora.r", f"{message.r} must be in 1 .. {MAX_LORA_RANK}")
-    alpha = message.alpha if message.HasField("alpha") else 2.0 * message.r
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise InvalidArgument("lora.alpha", f"must be > 0, got {alpha}")
+    alpha = optional_in_range(
+        message, "alpha", "lora.alpha", 2.0 * message.r, 0, MAX_LORA_ALPHA, open_low=True
+    )
     if not 0 <= message.dropout < 1:
         raise InvalidArgument("lora.dropout", f"{message.dropout} is outside [0, 1)")
     for i, name in enumerate(message.target_modules):
@@ -151,41 +159,69 @@ def batch(
     return out
 
 
+# The range of every loss hyper-parameter: (low, high, open_low, open_high).
+COEFFICIENT = (0.0, 1e3, False, False)
+POSITIVE = (0.0, 1e3, True, False)
+CLIP = (0.0, 10.0, True, False)
+FRACTION = (0.0, 1.0, False, True)
+BELOW_HALF = (0.0, 0.5, False, True)
+MAX_LOSS_SCALE = 65536.0
+
+
+def _param(spec, kind: str, name: str, default: float | None, bounds: tuple) -> float | None:
+    """``spec.name`` checked against ``bounds``; ``default`` when an optional field is unset."""
+    if spec.DESCRIPTOR.fields_by_name[name].has_presence and not spec.HasField(name):
+        return default
+    low, high, open_low, open_high = bounds
+    return in_range(
+        getattr(spec, name), f"loss.{kind}.{name}", low, high, open_low=open_low,
+        open_high=open_high,
+    )  # fmt: skip
+
+
 def loss(message: trainer_pb2.Loss) -> tuple[str, dict, float]:
-    """(loss name, its parameters, temperature) from a Loss message."""
+    """(loss name, its parameters, temperature) from a Loss message, every parameter checked
+    against its range (naming the field, e.g. ``loss.ppo.clip_range``)."""
     kind = message.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("loss", "one loss must be set")
     spec = getattr(message, kind)
     temperature = 1.0
     if kind == "cross_entropy":
-        params = {"label_smoothing": spec.label_smoothing}
-        if not 0 <= spec.label_smoothing < 1:
-            raise InvalidArgument("loss.cross_entropy.label_smoothing", "must be in [0, 1)")
+        params = {"label_smoothing": _param(spec, kind, "label_smoothing", 0.0, FRACTION)}
     elif kind == "bradley_terry":
-        params = {"center_rewards_coefficient": spec.center_rewards_coefficient}
+        params = {"center_rewards_coefficient": _param(
+            spec, kind, "center_rewards_coefficient", 0.0, COEFFICIENT)}  # fmt: skip
     elif kind == "dpo":
-        params = {"variant": DPO_VARIANTS.get(spec.variant, "sigmoid"),
-                  "beta": positive(spec, "beta", default=0.1),
-                  "label_smoothing": spec.label_smoothing}  # fmt: skip
-        if not 0 <= spec.label_smoothing < 0.5:
-            raise InvalidArgument("loss.dpo.label_smoothing", "must be in [0, 0.5)")
+        if spec.variant not in DPO_VARIANTS:
+            raise InvalidArgument("loss.dpo.variant", f"unknown value {spec.variant}")
+        params = {"variant": DPO_VARIANTS[spec.variant],
+                  "beta": _param(spec, kind, "beta", 0.1, POSITIVE),
+                  "label_smoothing": _param(spec, kind, "label_smoothing", 0.0,
+                                            BELOW_HALF)}  # fmt: skip
     elif kind == "kto":
-        params = {"beta": positive(spec, "beta", default=0.1),
-                  "desirable_weight": positive(spec, "desirable_weight", default=1.0),
-                  "undesirable_weight": positive(spec, "undesirable_weight",
-                                                 default=1.0)}  # fmt: skip
+        params = {
+            name: _param(spec, kind, name, default, POSITIVE)
+            for name, default in (
+                ("beta", 0.1),
+                ("desirable_weight", 1.0),
+                ("undesirable_weight", 1.0),
+            )
+        }
     elif kind == "ppo":
-        params = {"clip_range": positive(spec, "clip_range", default=0.2),
-                  "value_clip_range": positive(spec, "value_clip_range", default=0.2),
-                  "vf_coef": _opt(spec, "vf_coef", 0.1),
-                  "entropy_coef": spec.entropy_coef}  # fmt: skip
-        temperature = positive(spec, "temperature", default=1.0)
+        params = {
+            "clip_range": _param(spec, kind, "clip_range", 0.2, CLIP),
+            "value_clip_range": _param(spec, kind, "value_clip_range", 0.2, POSITIVE),
+            "vf_coef": _param(spec, kind, "vf_coef", 0.1, COEFFICIENT),
+            "entropy_coef": _param(spec, kind, "entropy_coef", 0.0, COEFFICIENT),
+        }
+        temperature = temperature_of(spec, "loss.ppo.temperature")
     else:
         aggregation = {0: "token_mean", 1: "sequence_mean"}.get(spec.aggregation)
         if aggregation is None:
             raise InvalidArgument("loss.policy_gradient.aggregation", "unknown value")
-        params = {"clip_range": spec.clip_range if spec.HasField("clip_range") else None,
-                  "kl_coef": spec.kl_coef, "aggregation": aggregation}  # fmt: skip
-        temperature = positive(spec, "temperature", default=1.0)
+        params = {"clip_range": _param(spec, kind, "clip_range", None, CLIP),
+                  "kl_coef": _param(spec, kind, "kl_coef", 0.0, COEFFICIENT),
+                  "aggregation": aggregation}  # fmt: skip
+        temperature = temperature_of(spec, "loss.policy_gradient.temperature")
     return kind, params, temperature

@@ -206,13 +206,28 @@ class TrainerEngine:
         return output, self.backward(output, scale)
 
     def optim_step(self) -> tuple[float, float, int]:
-        """Clips, steps, schedules and zeroes; returns (grad norm, lr used, step)."""
+        """Clips, steps, schedules and zeroes; returns (grad norm, lr used, step).
+
+        A non-finite gradient norm (an overflow) skips the step, as the peers' skip-on-inf/nan
+        options do: the gradients are dropped, the weights, optimizer and schedule stay as they
+        were, and the call fails with FAILED_PRECONDITION stating the norm.
+        """
         if self.accumulated == 0:
             raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
         if self.reduce_gradients is not None:
             self.reduce_gradients(self.parameters)
-        limit = self.spec.max_grad_norm or float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)  # () tensor
+        norm = float(total)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accumulated = 0
+            raise FailedPrecondition(
+                f"gradient norm is {norm}: the step was skipped and the gradients dropped "
+                "(weights unchanged); lower the learning rate or loss_scale, or check the batch"
+            )
+        if self.spec.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.parameters, self.spec.max_grad_norm, total)
         lr = self.learning_rate
         self.optimizer.step()
         self.scheduler.step()

@@ -13,8 +13,11 @@ every rank runs the same code on its shard:
 * ``OptimStep``: gradients are summed across ranks (all-reduce), then every rank clips and
   steps identically, so the replicas stay equal.
 * ``Forward``: rows are split; the outputs are gathered on rank 0.
-* ``LoadCheckpoint``: every rank reads the checkpoint (a volume all nodes mount);
-  ``SaveCheckpoint`` and ``PushWeights`` run on rank 0 alone.
+* ``LoadCheckpoint``: every rank reads and checks the checkpoint (a volume all nodes mount);
+  it is applied only when every rank could; ``SaveCheckpoint`` and ``PushWeights`` run on
+  rank 0 alone.
+* ``Initialize``: each rank builds the new engine and keeps its old one unless every rank
+  succeeded.
 
 A rank that fails a command tells the others through a status all-reduce, so an error never
 leaves the group waiting in a collective.
@@ -33,12 +36,18 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from alignd_server.common.errors import AligndError, FailedPrecondition, InvalidArgument
+from alignd_server.common.errors import (
+    AligndError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from alignd_server.common.server import configure_logging
-from alignd_server.trainer import checkpoint
+from alignd_server.trainer import restore
 from alignd_server.trainer.config import (
     RankEnvironment,
     TrainerSettings,
@@ -67,7 +76,7 @@ class LocalExecutor:
         """Nothing to join."""
 
     def initialize(self, spec: InitSpec) -> TrainerEngine:
-        return TrainerEngine(spec, self.device)
+        return build_engine(spec, self.device)
 
     def forward_backward(self, engine, batch, loss, params, scale, temperature):
         return engine.forward_backward(batch, loss, params, scale, temperature)
@@ -79,7 +88,7 @@ class LocalExecutor:
         return engine.forward(batch, outputs, temperature)
 
     def load(self, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
-        return checkpoint.load(engine, path, load_optimizer)
+        return restore.load(engine, path, load_optimizer)
 
     def ping(self) -> None:
         """Nothing to keep alive."""
@@ -251,8 +260,6 @@ def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> int:
         header, blob = group.receive()
         if header["op"] == "shutdown":
             break
-        if header["op"] == "initialize":
-            engine = None  # the old model goes first, as on rank 0
         try:
             engine = _follow(group, engine, header, blob)
         except AligndError as err:
@@ -285,27 +292,40 @@ def _spec(data: dict) -> InitSpec:
     return InitSpec(**{**data, "betas": tuple(data["betas"]), "lora": lora})
 
 
+def build_engine(spec: InitSpec, device: str) -> TrainerEngine:
+    """A new engine for ``spec``; a model that cannot be loaded is INVALID_ARGUMENT naming
+    ``model_path`` (the caller keeps its previous engine)."""
+    try:
+        return TrainerEngine(spec, device)
+    except AligndError:
+        raise
+    except torch.OutOfMemoryError as err:
+        raise ResourceExhausted(f"the model does not fit in memory: {err}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InvalidArgument("model_path", f"cannot load a model from it: {detail}") from None
+
+
 def _initialize(group: Group, spec: InitSpec) -> TrainerEngine:
     engine, error = None, None
     try:
-        engine = TrainerEngine(spec, group.device)
+        engine = build_engine(spec, group.device)
         engine.reduce_gradients = group.reduce_gradients
     except AligndError as err:
         error = err
-    except (OSError, ValueError) as err:
-        error = InvalidArgument("model_path", str(err))
     group.agree(error)
     return engine
 
 
 def _load(group: Group, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
-    step, error = 0, None
+    """Every rank reads and checks the checkpoint; only when all of them could does any apply."""
+    restored, error = None, None
     try:
-        step = checkpoint.load(engine, path, load_optimizer)
+        restored = restore.read(engine, path, load_optimizer)
     except AligndError as err:
         error = err
     group.agree(error)
-    return step
+    return restore.apply(engine, restored)
 
 
 def shard(batch: Batch, loss: str, rank: int, world_size: int) -> Batch | None:

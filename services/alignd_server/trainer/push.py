@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from alignd import AsyncGenerationClient, TLSConfig
 from alignd.errors import AligndError
 from alignd.v1 import trainer_pb2
+from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.trainer import lora
 from alignd_server.trainer.config import TrainerSettings
 
@@ -66,17 +67,36 @@ async def push(
     addresses: list[str],
     version: int,
     timeout: float,
-    shared_path: str,
+    shared: Path | None,
     settings: TrainerSettings,
 ) -> list[trainer_pb2.PushResult]:
-    """Pushes ``weights`` to every address concurrently; one result per address, in order."""
-    shared = None
-    if shared_path:
-        shared = Path(shared_path) / f"v{version}"
-        shared.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(save_file, weights, str(shared / "model.safetensors"))
+    """Pushes ``weights`` to every address concurrently; one result per address, in order.
+
+    With ``shared`` (a directory inside the storage roots), the weights are written once to
+    ``shared/v<version>`` and each target loads them from there.
+
+    Raises:
+        InvalidArgument: ``shared`` cannot hold a directory (a file is in the way).
+        FailedPrecondition: the weights could not be written there.
+    """
+    directory = None
+    if shared is not None:
+        directory = shared / f"v{version}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InvalidArgument("shared_path", f"cannot make {directory}: {err}") from None
+        if directory.is_symlink():  # it must not lead outside the storage roots
+            raise InvalidArgument("shared_path", f"{directory} is a symlink")
+        file = directory / "model.safetensors"
+        if file.is_symlink():
+            file.unlink()
+        try:
+            await asyncio.to_thread(save_file, weights, str(file))
+        except OSError as err:
+            raise FailedPrecondition(f"shared_path: cannot write {file}: {err}") from None
     return list(
         await asyncio.gather(
-            *(_push_one(a, weights, version, timeout, shared, settings) for a in addresses)
+            *(_push_one(a, weights, version, timeout, directory, settings) for a in addresses)
         )
     )

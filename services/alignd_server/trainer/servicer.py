@@ -13,12 +13,14 @@ from alignd_server.common.batching import COMPUTE
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
+from alignd_server.common.storage import StorageRoots
 from alignd_server.common.tokenize_rpc import serve_tokenize
-from alignd_server.common.validation import positive
+from alignd_server.common.validation import MAX_VERSION, in_range, optional_in_range, temperature
 from alignd_server.trainer import checkpoint, convert, parallel, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 from alignd_server.trainer.metrics import TrainerMetrics
+from alignd_server.trainer.targets import PushTargets
 
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 OUTPUTS = {
@@ -29,6 +31,7 @@ OUTPUTS = {
 }
 KIND_ENUM = {v: k for k, v in convert.KINDS.items()}
 MAX_TARGETS = 64
+MAX_PUSH_TIMEOUT_S = 86400.0
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -40,6 +43,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.settings = settings
         self.started_at = time.time()
         self.engine: TrainerEngine | None = None
+        self.limits = settings  # settings with the model's sequence limit, once initialized
+        self.roots = StorageRoots(settings.storage_root)
+        self.push_targets = PushTargets(settings.push_targets)
         self.executor = parallel.executor(settings)
         self.metrics = TrainerMetrics(metrics.registry)
         self.metrics.world_size.set(self.executor.world_size)
@@ -75,17 +81,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)
 
     async def Initialize(self, request, context) -> trainer_pb2.InitializeResponse:
-        spec = convert.init_spec(request, self.settings)
-        self.engine = None  # the old model goes before the new one loads
+        spec = convert.init_spec(request, self.settings, self.roots)
+        # The old model serves on until the new one has loaded: a failed Initialize keeps it.
         engine = await self._run(self.executor.initialize, spec)
+        limit = engine.loaded.sequence_limit(self.settings.max_sequence_length)
         self.engine = engine
+        self.limits = self.settings.model_copy(update={"max_sequence_length": limit})
         return trainer_pb2.InitializeResponse(
             model=model_info(engine.loaded), trainable_parameters=engine.trainable_parameters
         )
 
     def _batch(self, engine: TrainerEngine, message) -> convert.Batch:
         return convert.batch(
-            message, vocab_size=engine.loaded.vocab_size, settings=self.settings,
+            message, vocab_size=engine.loaded.vocab_size, settings=self.limits,
             classifier=engine.spec.kind == SEQUENCE_CLASSIFIER,
         )  # fmt: skip
 
@@ -94,7 +102,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         name, params, temperature = convert.loss(request.loss)
         engine.check_loss(name)
         batch = self._batch(engine, request.batch)
-        scale = positive(request, "loss_scale", default=1.0)
+        scale = optional_in_range(
+            request, "loss_scale", "loss_scale", 1.0, 0, convert.MAX_LOSS_SCALE, open_low=True
+        )
         output, accumulated = await self._run(
             self.executor.forward_backward, engine, batch, name, params, scale, temperature
         )
@@ -119,9 +129,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if any(o not in OUTPUTS for o in request.outputs):
             raise InvalidArgument("outputs", "unknown output")
         outputs = {OUTPUTS[o] for o in request.outputs}
-        temperature = positive(request, "temperature", default=1.0)
         batch = self._batch(engine, request.batch)
-        result = await self._run(self.executor.forward, engine, batch, outputs, temperature)
+        result = await self._run(
+            self.executor.forward, engine, batch, outputs, temperature(request)
+        )
         response = trainer_pb2.ForwardResponse()
         for name, rows in result.items():
             if name == "rewards":
@@ -133,14 +144,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def SaveCheckpoint(self, request, context) -> trainer_pb2.SaveCheckpointResponse:
         engine = self._engine()
         include = request.include_optimizer if request.HasField("include_optimizer") else True
+        path = self.roots.resolve(request.path, "path", write=True)
         with self.metrics.checkpoint_seconds.time():
-            size = await self._run(checkpoint.save, engine, request.path, include)
+            size = await self._run(checkpoint.save, engine, path, include)
         return trainer_pb2.SaveCheckpointResponse(path=request.path, bytes=size, step=engine.step)
 
     async def LoadCheckpoint(self, request, context) -> trainer_pb2.LoadCheckpointResponse:
         engine = self._engine()
         optimizer = request.load_optimizer if request.HasField("load_optimizer") else True
-        step = await self._run(self.executor.load, engine, request.path, optimizer)
+        path = self.roots.resolve(request.path, "path")
+        step = await self._run(self.executor.load, engine, str(path), optimizer)
         self.metrics.step.set(step)
         return trainer_pb2.LoadCheckpointResponse(step=step)
 
@@ -152,27 +165,30 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise InvalidArgument(
                 "targets", f"{len(request.targets)} targets, must be 1 .. {MAX_TARGETS}"
             )
-        for i, target in enumerate(request.targets):
-            if not target.address:
-                raise InvalidArgument(f"targets[{i}].address", "must be set")
-        if request.version <= 0:
-            raise InvalidArgument("version", f"must be > 0, got {request.version}")
-        timeout = request.timeout_seconds or 300.0
-        if not timeout > 0:
-            raise InvalidArgument("timeout_seconds", f"must be > 0, got {timeout}")
+        if not 1 <= request.version <= MAX_VERSION:
+            raise InvalidArgument("version", f"{request.version} is outside [1, {MAX_VERSION}]")
+        timeout = 300.0
+        if request.timeout_seconds:
+            timeout = in_range(
+                request.timeout_seconds, "timeout_seconds", 0, MAX_PUSH_TIMEOUT_S, open_low=True
+            )
+        shared = None
+        if request.shared_path:
+            shared = self.roots.resolve(request.shared_path, "shared_path", write=True)
+        addresses = [t.address for t in request.targets]
+        await self.push_targets.check(addresses)  # last: it may resolve names
         with self.metrics.push_seconds.time():
             weights = await self._run(push.policy_weights, engine.model)
             results = await push.push(
-                weights, [t.address for t in request.targets], request.version, timeout,
-                request.shared_path, self.settings,
-            )  # fmt: skip
+                weights, addresses, request.version, timeout, shared, self.settings
+            )
         self.metrics.push_bytes.inc(sum(r.bytes for r in results))
         if any(r.ok for r in results):
             engine.pushed_version = request.version
         return trainer_pb2.PushWeightsResponse(results=results)
 
     async def Tokenize(self, request, context) -> common_pb2.TokenizeResponse:
-        return await serve_tokenize(request, self._engine().loaded.tokenizer, self.settings)
+        return await serve_tokenize(request, self._engine().loaded.tokenizer, self.limits)
 
     async def GetState(self, request, context) -> trainer_pb2.TrainerState:
         engine = self.engine
@@ -186,7 +202,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def GetInfo(self, request, context) -> trainer_pb2.TrainerInfo:
         loaded = self.engine.loaded if self.engine is not None else None
-        info = server_info(SERVICE, self.settings, self.started_at, loaded)
+        info = server_info(SERVICE, self.limits, self.started_at, loaded)
         return trainer_pb2.TrainerInfo(
             server=info, world_size=self.executor.world_size, backend=self.executor.backend
         )

@@ -25,11 +25,12 @@ TASK = load_task()
 
 @pytest.fixture
 def platform(serve, tiny_models):
+    generation = serve("generation")
     servers = {
-        "generation": serve("generation"),
+        "generation": generation,
         "reward": serve("reward", scorers=[f"oracle={SCORER}"]),
         "reference": serve("reference"),
-        "trainer": serve("trainer"),
+        "trainer": serve("trainer", push_targets=[generation.target]),
     }
     with Platform(**{role: s.target for role, s in servers.items()}) as platform:
         yield platform

@@ -92,7 +92,7 @@ def test_domain_errors_map_to_status_codes_and_are_counted(serve):
     with ReferenceClient(server.target) as client:
         with pytest.raises(InvalidArgumentError, match="items: must not be empty"):
             client.tokenize([])
-        with pytest.raises(InvalidArgumentError, match=r"max_length: 99999 is outside \[1, 2048\]"):
+        with pytest.raises(InvalidArgumentError, match=r"max_length: 99999 is outside \[1, 512\]"):
             client.tokenize(["hello"], max_length=99999)
         with pytest.raises(InvalidArgumentError, match=r"input_ids\.values: must be set"):
             client._call("ComputeLogprobs", reference_pb2.ComputeLogprobsRequest())

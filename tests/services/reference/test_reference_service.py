@@ -48,7 +48,9 @@ def test_temperature_divides_the_logits(serve, tiny_models):
     with ReferenceClient(server.target) as client:
         rows = sequences(client.info().server.model.vocab_size, [10, 6])
         got = client.logprobs(rows, [3, 2], temperature=0.7)
-        with pytest.raises(InvalidArgumentError, match="temperature: must be a finite number > 0"):
+        with pytest.raises(
+            InvalidArgumentError, match=r"temperature: must be in \[0\.01, 100\], got 0\.0"
+        ):
             client.logprobs(rows, [3, 2], temperature=0.0)
     for row, p, values in zip(rows, [3, 2], got, strict=True):
         expected = expected_logprobs(tiny_models.causal_lm, row, p, temperature=0.7)
@@ -122,7 +124,7 @@ def ragged(rows, dtype=common_pb2.DTYPE_INT32):
         (reference_pb2.ComputeLogprobsRequest(input_ids=ragged([[5, -1]]), prompt_lengths=[1]),
          r"input_ids\[0\]: token id -1"),
         (reference_pb2.ComputeLogprobsRequest(input_ids=ragged([[5]]), prompt_lengths=[1]),
-         r"input_ids\[0\]: 1 tokens, must be 2 \.\. max_sequence_length 2048"),
+         r"input_ids\[0\]: 1 tokens, must be 2 \.\. max_sequence_length 512"),
         (reference_pb2.ComputeLogprobsRequest(input_ids=ragged([[5] * 2049]), prompt_lengths=[1]),
          r"input_ids\[0\]: 2049 tokens"),
         (reference_pb2.ComputeLogprobsRequest(input_ids=ragged([[5, 6]] * 65),

@@ -97,7 +97,7 @@ def test_lora_reward_model_trains_its_fresh_head(serve, tiny_models, tmp_path):
     ("lora", "message"),
     [
         (LoraConfig(r=0), r"lora\.r: 0 must be in 1 \.\. 1024"),
-        (LoraConfig(r=4, alpha=-1.0), r"lora\.alpha: must be > 0"),
+        (LoraConfig(r=4, alpha=-1.0), r"lora\.alpha: must be in \(0, 10000\], got -1\.0"),
         (LoraConfig(r=4, dropout=1.0), r"lora\.dropout: 1\.0 is outside \[0, 1\)"),
         (LoraConfig(r=4, target_modules=["nope"]), r"lora\.target_modules: .*nope"),
     ],

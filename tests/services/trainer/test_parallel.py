@@ -73,12 +73,12 @@ def _run(trainer: TrainerClient, model, checkpoint) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_compute_what_one_rank_does(tiny_models, tmp_path):
+def test_two_ranks_compute_what_one_rank_does(tiny_models, tmp_path, storage_root):
     model = str(tiny_models.causal_lm)
     results = {}
     for nproc in (1, 2):
         args = ["--model", model, "--nproc", str(nproc), "--master-port", str(free_port()),
-                "--metrics-port", "-1"]  # fmt: skip
+                "--metrics-port", "-1", "--storage-root", str(storage_root)]  # fmt: skip
         with LocalService("trainer", args, log_file=tmp_path / f"rank{nproc}.log") as service:
             with TrainerClient(service.target) as trainer:
                 assert trainer.info().world_size == nproc

@@ -21,7 +21,7 @@ def steps(trainer: TrainerClient, count: int) -> None:
 
 def trainer_process(model, tmp_path, name: str, nproc: int = 1) -> LocalService:
     args = ["--model", str(model), "--nproc", str(nproc), "--master-port", str(free_port()),
-            "--metrics-port", "-1"]  # fmt: skip
+            "--metrics-port", "-1", "--storage-root", str(tmp_path)]  # fmt: skip
     return LocalService("trainer", args, log_file=tmp_path / f"{name}.log")
 
 

@@ -1,0 +1,269 @@
+"""LoadCheckpoint: read a checkpoint whole, check it against the engine, then apply it.
+
+:func:`read` loads every file of a checkpoint (layout in :mod:`.checkpoint`) into memory and
+checks it against the engine without touching the engine: tensor names, shapes and dtypes,
+finite values, the LoRA base model, and the training state's structure (optimizer moments per
+parameter, parameter groups, scheduler fields, RNG state). :func:`apply` then copies what was
+read; everything it does was checked, so it cannot fail half way. A damaged checkpoint (a
+corrupt or truncated safetensors file, wrong shapes, malformed JSON) is INVALID_ARGUMENT naming
+``path`` (or ``load_optimizer``) and leaves the weights, optimizer and step as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from alignd_server.common.errors import InvalidArgument
+from alignd_server.trainer.checkpoint import (
+    ADAPTER,
+    ADAPTER_JSON,
+    STATE_JSON,
+    STATE_TENSORS,
+    VALUE_HEAD,
+)
+from alignd_server.trainer.engine import TrainerEngine
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class Restored:
+    """A checkpoint read and checked, ready to apply."""
+
+    parameters: dict[str, torch.Tensor]  # trainable or loadable tensors, by parameter name
+    value_head: dict[str, torch.Tensor] | None
+    optimizer: dict | None  # an optimizer state_dict
+    scheduler: dict | None
+    rng: torch.Tensor | None
+    step: int | None
+
+
+def _damaged(what: str, detail: Any, field: str = "path") -> InvalidArgument:
+    return InvalidArgument(field, f"the checkpoint's {what} is damaged: {detail}")
+
+
+def _tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise _damaged(file.name, err) from None
+
+
+def _json(file: Path, field: str = "path") -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _damaged(file.name, err, field) from None
+
+
+def _fit(name: str, tensor: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise InvalidArgument(
+            "path", f"checkpoint does not fit the model: {what} {name!r} has shape "
+            f"{list(tensor.shape)}, the model's is {list(expected.shape)}",
+        )  # fmt: skip
+    if not expected.dtype.is_floating_point:
+        if tensor.dtype != expected.dtype:
+            raise _damaged(what, f"{name!r} is {tensor.dtype}, the model's is {expected.dtype}")
+    elif not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor).all()):
+        raise _damaged(what, f"{name!r} is not finite floating point")
+
+
+def read(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> Restored:
+    """Reads and checks the checkpoint at ``path`` (confined by the caller) for ``engine``.
+
+    Raises:
+        InvalidArgument: not a checkpoint, damaged, or made for another model or kind.
+    """
+    directory = Path(path)
+    if not path or not (directory / "config.json").is_file():
+        raise InvalidArgument("path", f"{path!r} is not a checkpoint directory")
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("model*.safetensors")):
+        weights.update(_tensors(file))
+    if engine.spec.lora is None:
+        parameters = _full_weights(engine, weights)
+    else:
+        parameters = _adapters(engine, directory, weights)
+    value_head = None
+    if engine.value_head is not None and (directory / VALUE_HEAD).is_file():
+        value_head = _tensors(directory / VALUE_HEAD)
+        expected = engine.value_head.state_dict()
+        if set(value_head) != set(expected):
+            raise _damaged(VALUE_HEAD, f"tensors {sorted(value_head)}, expected {sorted(expected)}")
+        for name, tensor in value_head.items():
+            _fit(name, tensor, expected[name], VALUE_HEAD)
+    restored = Restored(parameters, value_head, None, None, None, None)
+    if load_optimizer:
+        _training_state(engine, directory, restored)
+    return restored
+
+
+def _full_weights(engine: TrainerEngine, weights: dict) -> dict[str, torch.Tensor]:
+    state = engine.model.state_dict()
+    missing = [n for n in state if n not in weights and not _tied(engine, n)]
+    unexpected = [n for n in weights if n not in state]
+    if missing or unexpected:
+        raise InvalidArgument(
+            "path",
+            f"checkpoint does not fit the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}",
+        )
+    for name, tensor in weights.items():
+        _fit(name, tensor, state[name], "weights")
+    return weights
+
+
+def _adapters(engine: TrainerEngine, directory: Path, weights: dict) -> dict[str, torch.Tensor]:
+    """Adapters and fully trained heads of a LoRA engine (its frozen base stays as loaded)."""
+    if not (directory / ADAPTER).is_file():
+        raise InvalidArgument("path", f"{directory} holds no LoRA adapters ({ADAPTER})")
+    spec = _json(directory / ADAPTER_JSON)
+    base = spec.get("base_model") if isinstance(spec, dict) else None
+    if not isinstance(base, str):
+        raise _damaged(ADAPTER_JSON, "no base_model")
+    if Path(base).resolve() != Path(engine.spec.path).resolve():
+        raise InvalidArgument(
+            "path", f"the adapters were trained on {base}, this trainer holds {engine.spec.path}"
+        )
+    state = _tensors(directory / ADAPTER)
+    parameters = {}
+    for name, parameter in engine.model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        source = state if "lora_" in name else weights
+        if name not in source:
+            raise InvalidArgument("path", f"checkpoint does not fit the model: {name}")
+        _fit(name, source[name], parameter, ADAPTER if "lora_" in name else "weights")
+        parameters[name] = source[name]
+    return parameters
+
+
+def _training_state(engine: TrainerEngine, directory: Path, restored: Restored) -> None:
+    if not (directory / STATE_JSON).is_file():
+        raise InvalidArgument("load_optimizer", f"{str(directory)!r} holds no training state")
+    meta = _json(directory / STATE_JSON, "load_optimizer")
+    if not isinstance(meta, dict) or not {"step", "param_groups", "scheduler"} <= set(meta):
+        raise _damaged(STATE_JSON, "it needs step, param_groups and scheduler", "load_optimizer")
+    groups = meta["param_groups"]
+    trained = len(engine.optimizer.param_groups[0]["params"])
+    saved = len(groups[0].get("params", [])) if _is_groups(groups) else -1
+    if meta.get("kind") != engine.spec.kind or saved != trained:
+        raise InvalidArgument(
+            "load_optimizer",
+            f"the checkpoint's training state is for a {meta.get('kind')} training {saved} "
+            f"tensors, this trainer trains {trained} of a {engine.spec.kind} (LoRA and full "
+            "fine-tuning differ); load the weights alone with load_optimizer=false",
+        )
+    _check_groups(engine, groups)
+    _check_scheduler(engine, meta["scheduler"])
+    step = meta["step"]
+    if not isinstance(step, int) or step < 0:
+        raise _damaged(STATE_JSON, f"step {step!r}", "load_optimizer")
+    tensors = _tensors(directory / STATE_TENSORS)
+    restored.optimizer = {"state": _moments(engine, tensors), "param_groups": groups}
+    restored.scheduler = meta["scheduler"]
+    restored.rng = _rng(tensors)
+    restored.step = step
+
+
+def _is_groups(groups: Any) -> bool:
+    return (
+        isinstance(groups, list)
+        and len(groups) == 1
+        and isinstance(groups[0], dict)
+        and isinstance(groups[0].get("params"), list)
+    )
+
+
+def _check_groups(engine: TrainerEngine, groups: list) -> None:
+    current = engine.optimizer.param_groups[0]
+    group = groups[0]
+    if set(group) != set(current) or group["params"] != list(range(len(current["params"]))):
+        raise _damaged(STATE_JSON, "param_groups do not match this optimizer", "load_optimizer")
+    numbers = [group[k] for k in ("lr", "eps", "weight_decay", "initial_lr") if k in group]
+    betas = group.get("betas")
+    if (
+        not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in numbers)
+        or not isinstance(betas, list)
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+    ):
+        raise _damaged(STATE_JSON, "param_groups hold values out of range", "load_optimizer")
+
+
+def _check_scheduler(engine: TrainerEngine, scheduler: Any) -> None:
+    current = engine.scheduler.state_dict()
+    if not isinstance(scheduler, dict) or set(scheduler) != set(current):
+        raise _damaged(STATE_JSON, "the scheduler state does not match", "load_optimizer")
+    if not isinstance(scheduler.get("last_epoch"), int) or not isinstance(
+        scheduler.get("base_lrs"), list
+    ):
+        raise _damaged(STATE_JSON, "the scheduler state is malformed", "load_optimizer")
+
+
+def _moments(engine: TrainerEngine, tensors: dict[str, torch.Tensor]) -> dict:
+    parameters = engine.parameters
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optimizer."):
+            continue
+        _, index, name = key.split(".", 2)
+        if not index.isdigit() or int(index) >= len(parameters) or name not in (*MOMENTS, "step"):
+            raise _damaged(STATE_TENSORS, f"unexpected tensor {key!r}", "load_optimizer")
+        expected = parameters[int(index)] if name != "step" else torch.zeros(())
+        _fit(key, value, expected, STATE_TENSORS)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in state.items():
+        if set(values) != {*MOMENTS, "step"}:
+            raise _damaged(STATE_TENSORS, f"parameter {index} lacks moments", "load_optimizer")
+    return state
+
+
+def _rng(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    rng = tensors.get("rng.torch")
+    current = torch.get_rng_state()
+    if rng is None or rng.dtype != current.dtype or rng.shape != current.shape:
+        raise _damaged(STATE_TENSORS, "no valid rng.torch", "load_optimizer")
+    return rng
+
+
+def apply(engine: TrainerEngine, restored: Restored) -> int:
+    """Copies a checked checkpoint into ``engine``; returns the step."""
+    with torch.no_grad():
+        if engine.spec.lora is None:
+            engine.model.load_state_dict(restored.parameters, strict=False)
+        else:
+            named = dict(engine.model.named_parameters())
+            for name, tensor in restored.parameters.items():
+                named[name].copy_(tensor)
+        if restored.value_head is not None:
+            engine.value_head.load_state_dict(restored.value_head)
+    if restored.optimizer is None:
+        return engine.step
+    engine.optimizer.load_state_dict(restored.optimizer)
+    engine.scheduler.load_state_dict(restored.scheduler)
+    torch.set_rng_state(restored.rng)
+    engine.step = restored.step
+    engine.accumulated = 0
+    engine.optimizer.zero_grad(set_to_none=True)
+    return engine.step
+
+
+def load(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> int:
+    """Restores weights (and training state) from a checkpoint into ``engine``; returns the
+    step. Nothing changes unless the whole checkpoint fits."""
+    return apply(engine, read(engine, path, load_optimizer))
+
+
+def _tied(engine: TrainerEngine, name: str) -> bool:
+    """Whether a parameter absent from the file is tied to one present (lm_head to embeddings)."""
+    return name == "lm_head.weight" and getattr(engine.model.config, "tie_word_embeddings", False)
