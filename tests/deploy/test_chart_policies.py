@@ -9,6 +9,12 @@ import pytest
 from chart_render import ROLES, component, config_env, container, find, workload
 
 DRIVER = {"podSelector": {"matchLabels": {"alignd.io/role": "driver"}}}
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+PROMETHEUS = {
+    **MONITORING,
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+METRICS_TOKEN = "9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a"
 TRAINER_PODS = {
     "podSelector": {
         "matchLabels": {
@@ -86,19 +92,40 @@ def test_reward_is_public_by_default_and_restricted_as_configured(render):
     assert grpc_rule(ingress(render(), "reference"))["from"] == [DRIVER]
 
 
-def test_metrics_ports_open_to_the_configured_scrapers(render):
-    (metrics,) = [
-        r for r in ingress(render(), "reward") if r.get("ports", [{}])[0].get("port") == "metrics"
-    ]
-    assert "from" not in metrics
-    (metrics,) = [
+def metrics_rules(manifests: list[dict], role: str) -> list[dict]:
+    return [
         r
-        for r in ingress(render("reward-only-values.yaml"), "reward")
-        if r.get("ports", [{}])[0].get("port") == "metrics"
+        for r in ingress(manifests, role)
+        if r.get("ports") == [{"port": "metrics", "protocol": "TCP"}]
     ]
-    assert metrics["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-    ]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_metrics_ports_admit_only_prometheus_pods_of_the_monitoring_namespace(render, role):
+    (rule,) = metrics_rules(render(), role)
+    assert rule["from"] == [PROMETHEUS]  # one peer: namespace and pod labels must both match
+
+
+def test_metrics_ports_admit_the_configured_scrapers_instead(render):
+    (rule,) = metrics_rules(render("reward-only-values.yaml"), "reward")
+    assert rule["from"] == [MONITORING]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_metrics_ports_are_open_to_anyone_only_when_asked(render, role):
+    (rule,) = metrics_rules(render(sets=["networkPolicy.metricsFromAnywhere=true"]), role)
+    assert "from" not in rule  # a rule without peers admits every source
+
+
+def test_no_metrics_peers_close_the_metrics_ports(render, tmp_path):
+    values = tmp_path / "closed.yaml"
+    values.write_text("networkPolicy:\n  metricsFrom: []\n")
+    manifests = render(values)
+    for role in ROLES:
+        rules = ingress(manifests, role)
+        assert metrics_rules(manifests, role) == []
+        open_to_all = [rule for rule in rules if "from" not in rule]
+        assert open_to_all == ([grpc_rule(rules)] if role == "reward" else [])  # public reward
 
 
 def test_network_policies_can_be_left_out(render):
@@ -160,6 +187,48 @@ def test_servicemonitor_selects_each_client_service_once(render):
         service = find(manifests, "Service", name)
         assert "metrics" in [p["name"] for p in service["spec"]["ports"]]
         assert "prometheus.io/scrape" not in service["metadata"].get("annotations", {})
+
+
+def test_servicemonitor_presents_the_metrics_token_of_an_existing_secret(render):
+    manifests = render("reward-only-values.yaml")
+    (endpoint,) = find(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "reward-metrics-token", "key": "token"},
+    }
+    assert not [m for m in manifests if m["kind"] == "Secret"]  # the existing one is used
+    volumes = {
+        v["name"]: v for v in workload(manifests, "reward")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["metrics-auth"]["secret"]["secretName"] == "reward-metrics-token"
+
+
+def test_metrics_auth_mounts_the_token_every_service_requires_and_the_monitor_presents(render):
+    sets = ["metrics.serviceMonitor.enabled=true", "metrics.auth.enabled=true"]
+    manifests = render(sets=[*sets, f"metrics.auth.token={METRICS_TOKEN}"])
+    secret = find(manifests, "Secret", "t-alignd-metrics-auth")
+    assert secret["stringData"] == {"token": METRICS_TOKEN}
+    (endpoint,) = find(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {
+        "name": "t-alignd-metrics-auth",
+        "key": "token",
+    }
+    for role in ROLES:
+        assert config_env(manifests, role)["ALIGND_METRICS_AUTH_TOKEN_FILE"] == (
+            "/etc/alignd/metrics-auth/token"
+        )
+        pod = workload(manifests, role)["spec"]["template"]["spec"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "metrics-auth"]
+        assert mount == {
+            "name": "metrics-auth",
+            "mountPath": "/etc/alignd/metrics-auth",
+            "readOnly": True,
+        }
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "metrics-auth"]
+        assert volume["secret"]["secretName"] == "t-alignd-metrics-auth"
+    (plain,) = find(render(sets=sets[:1]), "ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in plain
+    assert not [k for k in config_env(render(), "reward") if "METRICS_AUTH" in k]
 
 
 def test_auth_and_mutual_tls_mount_their_secrets_where_the_settings_point(render):

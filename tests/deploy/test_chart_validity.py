@@ -80,6 +80,10 @@ def test_servicemonitor_schema_rejects_what_the_crd_rejects(render):
     del broken["spec"]["selector"]
     with pytest.raises(jsonschema.ValidationError, match="selector"):
         validate(broken, "1.30.0")
+    broken = json.loads(json.dumps(monitor))  # the bearer token's Secret key is required
+    del broken["spec"]["endpoints"][0]["authorization"]["credentials"]["key"]
+    with pytest.raises(jsonschema.ValidationError, match="key"):
+        validate(broken, "1.30.0")
 
 
 def test_kubernetes_older_than_1_28_is_refused(helm):

@@ -1,4 +1,5 @@
-"""The chart's pods: probes, ports, settings, security context, GPUs, the multi-node trainer.
+"""The chart's pods: probes, ports, settings, security context, GPUs, the multi-node trainer,
+the generation services the trainer may push weights to.
 
 The ALIGND_* variables are checked against the servers' own settings classes: a rendered
 ConfigMap must build a valid settings object, so a value the chart passes under a wrong name
@@ -7,11 +8,14 @@ or with a wrong type fails here, not in a crash-looping pod.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from chart_render import (
     NAMESPACE,
+    RELEASE,
     ROLES,
     component,
     config_env,
@@ -21,10 +25,12 @@ from chart_render import (
 )
 
 from alignd.models import BUNDLED
+from alignd_server.common.errors import InvalidArgument
 from alignd_server.generation.config import GenerationSettings
 from alignd_server.reference.config import ReferenceSettings
 from alignd_server.reward.config import RewardSettings
 from alignd_server.trainer.config import TrainerSettings
+from alignd_server.trainer.targets import PushTargets, split_address
 
 SETTINGS = {
     "generation": GenerationSettings,
@@ -67,8 +73,15 @@ def test_every_config_variable_is_a_real_setting_the_server_accepts(render, valu
         assert set(env) - CLIENT_ONLY <= fields, f"{role}: not settings: {set(env) - fields}"
         settings = settings_from(env, role, monkeypatch)
         assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
-        ports = {p["name"]: p["containerPort"] for p in container(manifests, role)["ports"]}
+        main = container(manifests, role)
+        ports = {p["name"]: p["containerPort"] for p in main["ports"]}
         assert (settings.port, settings.metrics_port) == (ports["grpc"], ports["metrics"])
+        mounts = {Path(m["mountPath"]) for m in main["volumeMounts"]}
+        for name, value in settings:
+            if isinstance(value, Path):  # a secret file: in a mounted directory
+                assert value.parent in mounts, f"{role}: {name}={value} is not mounted"
+            if name == "storage_root":  # the volume itself
+                assert value == [Path(env["ALIGND_HOME"])] and set(value) <= mounts
 
 
 def test_settings_values_reach_the_server_typed(render, monkeypatch):
@@ -149,10 +162,20 @@ def test_models_volume_is_shared_writable_by_trainer_and_generation_only(render)
         (home,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "home"]
         assert home["mountPath"] == config_env(manifests, role)["ALIGND_HOME"]
         assert home["readOnly"] is (role in ("reward", "reference"))
+        # The services that write take paths in requests, which must stay on the volume.
+        writes = role in ("generation", "trainer")
+        assert ("ALIGND_STORAGE_ROOT" in config_env(manifests, role)) is writes
         (volume,) = [v for v in pod["volumes"] if v["name"] == "home"]
         assert volume["persistentVolumeClaim"]["claimName"] == "t-alignd-home"
     claim = find(manifests, "PersistentVolumeClaim", "t-alignd-home")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_storage_root_follows_the_volumes_mount_path(render, monkeypatch):
+    manifests = render(sets=["home.mountPath=/data/alignd"])
+    for role in ("generation", "trainer"):
+        settings = settings_from(config_env(manifests, role), role, monkeypatch)
+        assert settings.storage_root == [Path("/data/alignd")]
 
 
 def test_gpu_values_request_nvidia_gpus_and_a_memory_backed_shm(render):
@@ -227,3 +250,63 @@ def test_config_changes_roll_the_pods(render):
         after["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         != (before["checksum/config"])
     )
+
+
+GENERATION = f"{RELEASE}-alignd-generation"
+OWN_GENERATION = [
+    f"{GENERATION}.{NAMESPACE}.svc:50051",  # what `alignd submit` gives jobs
+    f"{GENERATION}.{NAMESPACE}.svc.cluster.local:50051",
+    f"{GENERATION}-headless.{NAMESPACE}.svc.cluster.local:50051",  # records: the ready pods
+]
+
+
+def push_targets(manifests: list[dict], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return settings_from(config_env(manifests, "trainer"), "trainer", monkeypatch).push_targets
+
+
+def test_the_trainer_may_push_to_the_release_generation_service_and_its_pods(render, monkeypatch):
+    manifests = render()
+    targets = push_targets(manifests, monkeypatch)
+    assert targets == OWN_GENERATION
+    for target in targets:  # each names a rendered Service, on its gRPC port
+        host, port = split_address(target)
+        name, namespace = host.split(".")[:2]
+        service = find(manifests, "Service", name)
+        assert namespace == NAMESPACE
+        assert port in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    headless = find(manifests, "Service", f"{GENERATION}-headless")
+    client = find(manifests, "Service", GENERATION)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is False  # pushes go to ready pods
+    assert headless["spec"]["selector"] == client["spec"]["selector"]
+    pod_labels = workload(manifests, "generation")["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+    assert "alignd.io/metrics" not in headless["metadata"]["labels"]  # scraped through client
+
+
+def test_the_generation_target_alignd_submit_gives_jobs_is_allowed(render, monkeypatch):
+    pytest.importorskip("kubernetes", reason="kubernetes client missing: pip install kubernetes")
+    from alignd import kube
+    from alignd.jobs import PPOConfig
+
+    job_config = PPOConfig(name="tune", data={"path": "/data/prompts.jsonl"})
+    options = kube.SubmitOptions(release=RELEASE, namespace=NAMESPACE)
+    _, job = kube.to_manifests(kube.build_objects(job_config, options, "job-1"))
+    (driver,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in driver["env"]}
+    allowed = PushTargets(push_targets(render(), monkeypatch))
+    asyncio.run(allowed.check([env["ALIGND_GENERATION_TARGET"]]))
+    with pytest.raises(InvalidArgument, match="not an allowed push target"):
+        asyncio.run(allowed.check([env["ALIGND_REWARD_TARGET"]]))
+
+
+def test_push_targets_add_to_the_release_generation_service_or_stand_alone(render, monkeypatch):
+    extra = ["gen.other.svc:50051", "10.0.0.7:50051", "[fd00::7]:50051"]
+    sets = [f"trainer.pushTargets[{i}]={target}" for i, target in enumerate(extra)]
+    assert push_targets(render(sets=sets), monkeypatch) == OWN_GENERATION + extra
+    alone = render(sets=[*sets, "generation.enabled=false"])
+    assert push_targets(alone, monkeypatch) == extra
+    assert not [m for m in alone if m["metadata"]["name"].startswith(GENERATION)]
+    nowhere = render(sets=["generation.enabled=false"])
+    assert push_targets(nowhere, monkeypatch) == []  # every push is refused

@@ -87,6 +87,31 @@ smollm2-135m minilm-l6
 {{- .Values.tls.existingSecret | default (printf "%s-tls" (include "alignd.fullname" .)) }}
 {{- end }}
 
+{{- define "alignd.metricsAuthSecret" -}}
+{{- .Values.metrics.auth.existingSecret | default (printf "%s-metrics-auth" (include "alignd.fullname" .)) }}
+{{- end }}
+
+{{/*
+Generation services the trainer's PushWeights may reach (ALIGND_PUSH_TARGETS): this release's
+generation Service by the names a job may use (`alignd submit` gives jobs <service>.<ns>.svc),
+its headless Service, whose records are the ready pods that Platform.from_kubernetes addresses,
+then trainer.pushTargets. A JSON list.
+*/}}
+{{- define "alignd.pushTargets" -}}
+{{- $root := .root }}
+{{- $targets := list }}
+{{- if $root.Values.generation.enabled }}
+{{- $generation := include "alignd.component" (dict "root" $root "name" "generation") }}
+{{- $port := $root.Values.generation.ports.grpc }}
+{{- $namespace := $root.Release.Namespace }}
+{{- $domain := $root.Values.clusterDomain }}
+{{- $targets = append $targets (printf "%s.%s.svc:%v" $generation $namespace $port) }}
+{{- $targets = append $targets (printf "%s.%s.svc.%s:%v" $generation $namespace $domain $port) }}
+{{- $targets = append $targets (printf "%s-headless.%s.svc.%s:%v" $generation $namespace $domain $port) }}
+{{- end }}
+{{- concat $targets $root.Values.trainer.pushTargets | toJson }}
+{{- end }}
+
 {{/* DNS name of trainer pod 0, where the ranks of every node meet. */}}
 {{- define "alignd.masterAddr" -}}
 {{- $trainer := include "alignd.component" (dict "root" .root "name" "trainer") }}
@@ -94,9 +119,9 @@ smollm2-135m minilm-l6
 {{- end }}
 
 {{/*
-The service's ALIGND_* settings (the ConfigMap's data): network, model, security files, then
-the `settings` values under their own names; lists travel as JSON, as pydantic-settings reads
-them.
+The service's ALIGND_* settings (the ConfigMap's data): network, model, security files, the
+storage root (the volume), the trainer's nodes and push targets, then the `settings` values
+under their own names; lists travel as JSON, as pydantic-settings reads them.
 */}}
 {{- define "alignd.settingsEnv" -}}
 {{- $root := .root }}
@@ -115,6 +140,9 @@ them.
 {{- $_ := set $env "ALIGND_PUSH_TOKEN_FILE" "/etc/alignd/auth/tokens" }}
 {{- end }}
 {{- end }}
+{{- if $root.Values.metrics.auth.enabled }}
+{{- $_ := set $env "ALIGND_METRICS_AUTH_TOKEN_FILE" "/etc/alignd/metrics-auth/token" }}
+{{- end }}
 {{- if $root.Values.tls.enabled }}
 {{- $_ := set $env "ALIGND_TLS_CERT" "/etc/alignd/tls/tls.crt" }}
 {{- $_ := set $env "ALIGND_TLS_KEY" "/etc/alignd/tls/tls.key" }}
@@ -129,7 +157,11 @@ them.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if has .name (list "generation" "trainer") }}
+{{- $_ := set $env "ALIGND_STORAGE_ROOT" (list $root.Values.home.mountPath | toJson) }}
+{{- end }}
 {{- if eq .name "trainer" }}
+{{- $_ := set $env "ALIGND_PUSH_TARGETS" (include "alignd.pushTargets" .) }}
 {{- $_ := set $env "ALIGND_NNODES" (toString $svc.replicas) }}
 {{- $_ := set $env "ALIGND_MASTER_ADDR" (include "alignd.masterAddr" .) }}
 {{- $_ := set $env "ALIGND_MASTER_PORT" (toString $svc.ports.rendezvous) }}

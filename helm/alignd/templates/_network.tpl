@@ -40,8 +40,10 @@ spec:
 
 {{/*
 Who may connect: the job driver (and the trainer, to generation) on gRPC; reward from anywhere
-when reward.networkPolicy.public; the metrics port from networkPolicy.metricsFrom (anyone when
-empty); trainer pods among themselves on every port (rendezvous, collectives).
+when reward.networkPolicy.public; the metrics port from the networkPolicy.metricsFrom peers
+only (nobody when empty: a rule without peers would admit everyone), or from anywhere with
+networkPolicy.metricsFromAnywhere; trainer pods among themselves on every port (rendezvous,
+collectives).
 */}}
 {{- define "alignd.networkPolicy" -}}
 {{- $root := .root }}
@@ -76,12 +78,15 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- end }}
+    {{- if $root.Values.networkPolicy.metricsFromAnywhere }}
     - ports:
         - {port: metrics, protocol: TCP}
-      {{- with $root.Values.networkPolicy.metricsFrom }}
+    {{- else if $root.Values.networkPolicy.metricsFrom }}
+    - ports:
+        - {port: metrics, protocol: TCP}
       from:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- toYaml $root.Values.networkPolicy.metricsFrom | nindent 8 }}
+    {{- end }}
     {{- if eq .name "trainer" }}
     - from:
         - podSelector:

@@ -96,6 +96,9 @@ spec:
         {{- if $root.Values.auth.enabled }}
         - {name: auth, mountPath: /etc/alignd/auth, readOnly: true}
         {{- end }}
+        {{- if $root.Values.metrics.auth.enabled }}
+        - {name: metrics-auth, mountPath: /etc/alignd/metrics-auth, readOnly: true}
+        {{- end }}
         {{- if $root.Values.tls.enabled }}
         - {name: tls, mountPath: /etc/alignd/tls, readOnly: true}
         {{- end }}
@@ -119,6 +122,10 @@ spec:
     {{- if $root.Values.auth.enabled }}
     - name: auth
       secret: {secretName: {{ include "alignd.authSecret" $root }}, defaultMode: 0440}
+    {{- end }}
+    {{- if $root.Values.metrics.auth.enabled }}
+    - name: metrics-auth
+      secret: {secretName: {{ include "alignd.metricsAuthSecret" $root }}, defaultMode: 0440}
     {{- end }}
     {{- if $root.Values.tls.enabled }}
     - name: tls
