@@ -83,9 +83,10 @@ def prompt_lengths(
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-MIN_TEMPERATURE = 0.01
-"""Smallest sampling/scoring temperature above 0: below it logits / T overflows float32 on
-ordinary logits (vLLM raises smaller temperatures to the same floor)."""
+MIN_TEMPERATURE = float(np.float32(0.01))
+"""Smallest sampling/scoring temperature above 0 (0.01, as the float32 fields carry it): below
+it logits / T overflows float32 on ordinary logits (vLLM raises smaller temperatures to the
+same floor)."""
 MAX_TEMPERATURE = 100.0
 MAX_VERSION = 2**53 - 1
 """Largest weights version: exact as a float (Prometheus gauges, JSON)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignd.models import resolve_model
+from alignd.models import BUNDLED, resolve_model
 from alignd.tensors import TensorError, to_numpy, to_ragged
 from alignd.v1 import trainer_pb2
 from alignd_server.common.errors import InvalidArgument
@@ -49,12 +49,13 @@ def init_spec(
     name a prepared bundled model)."""
     if request.kind not in KINDS:
         raise InvalidArgument("kind", "must be CAUSAL_LM, CAUSAL_LM_VALUE or SEQUENCE_CLASSIFIER")
+    name = request.model_path or settings.model
+    if request.model_path and request.model_path not in BUNDLED:  # confined before it is looked
+        name = str(roots.resolve(request.model_path, "model_path"))  # at: no existence oracle
     try:
-        path = str(resolve_model(request.model_path or settings.model))
+        path = str(resolve_model(name))
     except FileNotFoundError as err:
         raise InvalidArgument("model_path", str(err)) from None
-    if request.model_path:
-        path = str(roots.resolve(path, "model_path"))
     dtype = request.dtype or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InvalidArgument("dtype", f"{dtype!r} must be float32, bfloat16 or float16")
@@ -120,10 +121,11 @@ def _float_rows(ragged, field: str, lengths: list[int]) -> list[np.ndarray]:
             field,
             f"row lengths {[len(r) for r in rows]} must equal the completion lengths {lengths}",
         )
-    values = np.concatenate(rows) if rows else np.zeros(0)
-    if not np.isfinite(values.astype(np.float64)).all():
-        raise InvalidArgument(field, "must be finite (no NaN or infinity)")
-    return [r.astype(np.float32) for r in rows]
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+        rows = [r.astype(np.float32) for r in rows]
+    if rows and not np.isfinite(np.concatenate(rows)).all():
+        raise InvalidArgument(field, "must be finite in float32 (no NaN, infinity or |x| > 3.4e38)")
+    return rows
 
 
 def batch(
@@ -150,7 +152,8 @@ def batch(
     for name, tensor in message.sequence_inputs.items():
         field = f'batch.sequence_inputs["{name}"]'
         try:
-            values = to_numpy(tensor).astype(np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+                values = to_numpy(tensor).astype(np.float32)
         except TensorError as err:
             raise InvalidArgument(field, str(err)) from None
         if values.ndim != 1 or not np.isfinite(values).all():

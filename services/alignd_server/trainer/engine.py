@@ -185,7 +185,7 @@ class TrainerEngine:
         if not torch.isfinite(output.loss):
             lora.set_dropout(self.model, False)
             raise InvalidArgument(
-                "batch", f"the {loss} loss is {float(output.loss)}; no gradient kept"
+                "batch", f"the {loss} loss is {float(output.loss.detach())}; no gradient kept"
             )
         return output
 

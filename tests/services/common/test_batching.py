@@ -174,3 +174,55 @@ async def test_stop_fails_queued_items_with_unavailable():
             await pending
     with pytest.raises(Unavailable):
         await batcher.submit([3], [1])
+
+
+async def test_a_failing_batch_is_retried_item_by_item_so_only_the_bad_item_fails():
+    calls: list[list[int]] = []
+
+    def run(payloads: list[int]) -> list[int]:
+        calls.append(list(payloads))
+        if -1 in payloads:  # one item that breaks the model breaks any batch it is in
+            raise RuntimeError("index out of range in self")
+        return [2 * p for p in payloads]
+
+    batcher, metrics = make(run, max_wait_s=0.2)
+    batcher.start()
+    try:
+        results = await asyncio.gather(
+            batcher.submit([1], [1]), batcher.submit([-1], [1]), batcher.submit([3], [1]),
+            return_exceptions=True,
+        )  # fmt: skip
+    finally:
+        await batcher.stop()
+    assert results[0] == [2] and results[2] == [6]
+    assert isinstance(results[1], RuntimeError)
+    assert sorted(calls[0]) == [-1, 1, 3] and sorted(map(tuple, calls[1:])) == [(-1,), (1,), (3,)]
+    assert metrics.split.labels("test")._value.get() == 1
+
+
+async def test_capacity_can_be_checked_before_the_items_are_prepared():
+    entered, gate = threading.Event(), threading.Event()
+
+    def run(payloads: list[int]) -> list[int]:
+        entered.set()
+        gate.wait(10)
+        return [2 * p for p in payloads]
+
+    batcher, _ = make(run, max_queue_size=2, max_batch_size=1, max_wait_s=0)
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.submit([1], [1]))
+        assert await asyncio.to_thread(entered.wait, 10)  # computing, held by the gate
+        waiting = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))  # fills the queue
+        for _ in range(500):
+            if batcher.queued == 2:
+                break
+            await asyncio.sleep(0.01)
+        batcher.check_capacity(0)
+        with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
+            batcher.check_capacity(1)
+        gate.set()
+        assert await first == [2] and await waiting == [4, 6]
+    finally:
+        gate.set()
+        await batcher.stop()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from service_metrics import scrape
 
 from alignd import ReferenceClient, RewardClient, TrainerClient
 from alignd.errors import (
@@ -23,18 +21,6 @@ from alignd_server.common.server import Server
 from alignd_server.common.testing import ServerThread
 
 TOKEN = "s3cret-token"
-
-
-def scrape(thread: ServerThread) -> dict[tuple[str, frozenset], float]:
-    """Samples of the server's /metrics page, keyed by (name, labels)."""
-    url = f"http://127.0.0.1:{thread.server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def requests_total(samples, method: str, code: str) -> float:
