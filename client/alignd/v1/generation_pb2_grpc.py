@@ -89,15 +89,19 @@ class GenerationServiceServicer:
     def UpdateWeights(self, request_iterator, context):
         """Replaces (some of) the policy weights from a client stream: one header, tensor chunks, one
         commit. The swap is atomic: a request sees the old or the new weights, never a mix. A
-        broken, partial or mismatched stream leaves the old weights serving. Only one update runs
-        at a time; a concurrent one gets ABORTED.
+        broken, partial, mismatched or non-finite stream leaves the old weights serving. Only one
+        update runs at a time; a concurrent one gets ABORTED. The server answers the header before
+        it reads on: response headers with "alignd-update: accepted" mean "send the chunks"; a
+        rejected header ends the call at once, so a sender should wait for that answer after the
+        header (else a rejection can reach it as a failed write). A stream silent for the server's
+        update_idle_timeout_s, or longer than update_timeout_s, gets DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadWeights(self, request, context):
-        """Replaces the policy weights from a safetensors directory on a path the server can read.
+        """Replaces the policy weights from a safetensors directory inside the server's storage roots.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
