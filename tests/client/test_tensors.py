@@ -86,11 +86,21 @@ def test_bfloat16_exact_values_and_nan():
         (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0"), "dtype"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1], data=b""), "shape"),
         (pb.Tensor(dtype=99, shape=[0], data=b""), "dtype"),
+        # Zero elements, but no array can have that shape: numpy's own error must not escape.
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0, 2**63 - 1], data=b""), "larger than any"),
+        (pb.Tensor(dtype=pb.DTYPE_INT8, shape=[0, 2**40, 2**40], data=b""), "larger than any"),
     ],
 )
 def test_inconsistent_tensors_are_rejected_with_the_field_named(tensor, message):
     with pytest.raises(TensorError, match=message):
         to_numpy(tensor)
+
+
+def test_zero_element_tensors_of_a_possible_shape_decode():
+    assert to_numpy(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0, 2**31], data=b"")).shape == (
+        0,
+        2**31,
+    )
 
 
 def test_unsupported_numpy_dtype_is_rejected():

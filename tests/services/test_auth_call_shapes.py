@@ -49,14 +49,18 @@ def test_the_api_uses_every_call_shape_but_bidirectional_streams():
     assert shapes == {"unary_unary", "unary_stream", "stream_unary"}
 
 
-def sync_code(channel, shape, request, path, response) -> grpc.StatusCode:
+def start(channel, shape, request, path, response):
+    """The call, started on ``channel`` with ``request`` (in a stream for stream requests)."""
     call = getattr(channel, shape)(
         path, request_serializer=type(request).SerializeToString,
         response_deserializer=response.FromString,
     )  # fmt: skip
-    argument = iter([request]) if shape.startswith("stream") else request
+    return call(iter([request]) if shape.startswith("stream") else request, timeout=30)
+
+
+def sync_code(channel, shape, *call) -> grpc.StatusCode:
     try:
-        result = call(argument, timeout=30)
+        result = start(channel, shape, *call)
         if shape.endswith("_stream"):
             list(result)
     except grpc.RpcError as err:
@@ -64,14 +68,9 @@ def sync_code(channel, shape, request, path, response) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def async_code(channel, shape, request, path, response) -> grpc.StatusCode:
-    call = getattr(channel, shape)(
-        path, request_serializer=type(request).SerializeToString,
-        response_deserializer=response.FromString,
-    )  # fmt: skip
-    argument = iter([request]) if shape.startswith("stream") else request
+async def async_code(channel, shape, *call) -> grpc.StatusCode:
     try:
-        result = call(argument, timeout=30)
+        result = start(channel, shape, *call)
         if shape.endswith("_stream"):
             async for _ in result:
                 pass
