@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +44,31 @@ def prometheus() -> str:
 
 
 @pytest.fixture
-def reward_process(tiny_models, tmp_path) -> Iterator[LocalService]:
-    """``alignd serve reward`` (via ``python -m``) with the tiny classifier, as a child process."""
-    metrics_port = str(free_port())
-    service = LocalService(
-        "reward",
-        ["--model", str(tiny_models.classifier), "--metrics-port", metrics_port, "--grace-s", "5"],
-        log_file=tmp_path / "reward.log",
-    )
-    service.metrics_port = int(metrics_port)
-    with service:
-        yield service
+def start_reward(tiny_models, tmp_path) -> Iterator[Callable[..., LocalService]]:
+    """``start_reward(*flags)`` runs ``alignd serve reward`` (via ``python -m``) with
+    the tiny classifier, a free metrics port (``.metrics_port``) and extra ``flags`` as a child
+    process, and waits until it serves; every one started is stopped after the test."""
+    started: list[LocalService] = []
+
+    def start(*flags: str) -> LocalService:
+        metrics_port = free_port()
+        args = ["--model", str(tiny_models.classifier), "--metrics-port", str(metrics_port)]
+        service = LocalService(
+            "reward",
+            [*args, "--grace-s", "5", *flags],
+            log_file=tmp_path / f"reward-{len(started)}.log",
+        )
+        service.metrics_port = metrics_port
+        service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def reward_process(start_reward) -> LocalService:
+    """``alignd serve reward`` with the tiny classifier, as a child process."""
+    return start_reward()

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from alignd_server.common.memory import trim_interval
+
 S = TypeVar("S", bound="ServerSettings")
 
 MiB = 1024 * 1024
@@ -56,7 +58,7 @@ class ServerSettings(BaseSettings):
     """Logging level of the server process."""
     metrics_auth_token_file: Path | None = None
     """File of bearer tokens the ``/metrics`` endpoint requires (``Authorization: Bearer``,
-    one token per line, re-read when it changes); unset = the endpoint is open."""
+    one token per line, read at start as auth_token_file is); unset = the endpoint is open."""
     max_concurrent_streams: int = Field(64, ge=1, le=65536)
     """Most RPCs (HTTP/2 streams) one client connection may have open at once."""
     max_concurrent_rpcs: int | None = Field(None, ge=1)
@@ -72,6 +74,10 @@ class ServerSettings(BaseSettings):
     max_connection_age_grace_s: float = Field(300.0, gt=0)
     """After ``max_connection_age_s``: how long RPCs in flight get before the connection is
     cut."""
+    malloc_trim_interval_s: float | None = Field(None, ge=0)
+    """Seconds between handing freed heap memory back to the OS (glibc ``malloc_trim``), so
+    RSS falls after bursts of large or abandoned requests; 0 = never; unset = every 60 s where
+    the C library has ``malloc_trim``."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
@@ -79,6 +85,7 @@ class ServerSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        trim_interval(self.malloc_trim_interval_s)  # an interval this platform cannot honour
         return self
 
 

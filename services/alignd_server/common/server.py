@@ -31,6 +31,7 @@ from alignd_server.common.interceptors import (
     ObservabilityInterceptor,
     RequestIdFilter,
 )
+from alignd_server.common.memory import trim_interval, trim_periodically
 from alignd_server.common.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class Server:
         self.port = 0
         self.metrics_port = -1
         self._server: aio.Server | None = None
+        self._trimming: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -193,6 +195,9 @@ class Server:
             if self.metrics_port >= 0
             else "off",
         )
+        interval = trim_interval(self.settings.malloc_trim_interval_s)
+        if interval > 0:
+            self._trimming = asyncio.create_task(trim_periodically(interval))
         for service in self.services:
             await service.start()
             await self.health.set(service.name, SERVING)
@@ -207,6 +212,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         log.info("shutting down, grace %.1fs", grace)
         await self._server.stop(grace)
+        if self._trimming is not None:
+            self._trimming.cancel()
         for service in self.services:
             await service.stop()
         self.metrics.close()

@@ -7,7 +7,7 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from alignd_server.common.config import add_settings_flags, settings_from_args
+from alignd_server.common.config import ServerSettings, add_settings_flags, settings_from_args
 from alignd_server.reward.config import RewardSettings
 
 
@@ -60,3 +60,17 @@ def test_unknown_environment_fields_are_ignored_but_unknown_kwargs_rejected(monk
     assert parse([]).port > 0
     with pytest.raises(ValidationError, match="not_a_setting"):
         RewardSettings(not_a_setting=1)
+
+
+def test_malloc_trim_is_on_by_default_where_glibc_has_it_and_refused_where_it_does_not(
+    monkeypatch,
+):
+    from alignd_server.common import memory
+
+    assert memory.trim_interval(None) == memory.AUTO_INTERVAL_S  # glibc, as on these machines
+    assert memory.trim_interval(0) == 0 and memory.trim_interval(5) == 5
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # musl, macOS
+    assert memory.trim_interval(None) == 0
+    with pytest.raises(ValueError, match="malloc_trim_interval_s: this C library has no"):
+        ServerSettings(malloc_trim_interval_s=60)
+    assert ServerSettings(malloc_trim_interval_s=0).malloc_trim_interval_s == 0

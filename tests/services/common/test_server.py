@@ -1,16 +1,22 @@
-"""Server bootstrap: graceful shutdown drains in-flight calls, message-size limit, health states."""
+"""Server bootstrap: graceful shutdown drains in-flight calls, message-size, RPC and connection
+limits, health states."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import grpc
 import pytest
 
-from alignd import ReferenceClient, TrainerClient
+from alignd import ReferenceClient, RewardClient, TrainerClient
 from alignd.errors import AligndError, ResourceExhaustedError
 from alignd.v1 import trainer_pb2, trainer_pb2_grpc
+from alignd_server.common.batching import COMPUTE
 from alignd_server.common.config import ServerSettings
 from alignd_server.common.server import Server
 from alignd_server.common.testing import ServerThread
@@ -103,3 +109,67 @@ def test_health_is_not_serving_while_the_model_loads(tiny_models):
     finally:
         gate.set()
         thread.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not after {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+@contextmanager
+def compute_held() -> Iterator[threading.Event]:
+    """Occupies the process's compute thread until the yielded event is set (or the block
+    ends), so that model RPCs stay in flight."""
+    release = threading.Event()
+    job = COMPUTE.submit(release.wait, 30)
+    try:
+        yield release
+    finally:
+        release.set()
+        job.result(30)
+
+
+def in_flight(thread: ServerThread, method: str) -> float:
+    labels = {"grpc_service": "alignd.v1.RewardService", "grpc_method": method}
+    return thread.server.metrics.registry.get_sample_value("alignd_rpc_in_flight", labels) or 0
+
+
+def test_rpcs_beyond_max_concurrent_rpcs_get_resource_exhausted(serve):
+    server = serve("reward", max_concurrent_rpcs=1)
+    with RewardClient(server.target) as first, RewardClient(server.target) as second:
+        with compute_held() as release, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(first.score, ["Hi"], ["Hello"])
+            wait_until(lambda: in_flight(server, "Score") == 1, "the first call in flight")
+            with pytest.raises(ResourceExhaustedError):
+                second.info(timeout=10)
+            release.set()
+            assert held.result(30).shape == (1,)
+        assert second.info().server.limits.max_batch_size > 0
+
+
+IDLE_S = 0.3
+
+
+def test_connections_idle_beyond_max_connection_idle_are_closed(serve):
+    server = serve("reward", max_connection_idle_s=IDLE_S)
+    states: list[grpc.ChannelConnectivity] = []
+    channel = grpc.insecure_channel(server.target)
+    channel.subscribe(states.append, try_to_connect=True)
+    with channel, RewardClient(server.target, channel=channel) as client:
+        # A call in flight for longer than the idle limit keeps its connection...
+        with compute_held() as release, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.score, ["Hi"], ["Hello"])
+            wait_until(lambda: in_flight(server, "Score") == 1, "the call in flight")
+            time.sleep(3 * IDLE_S)
+            release.set()
+            assert held.result(30).shape == (1,)
+        connected = states.index(grpc.ChannelConnectivity.READY)
+        assert grpc.ChannelConnectivity.IDLE not in states[connected:]
+        # ...and without one the server closes it (GOAWAY): the channel goes idle.
+        wait_until(
+            lambda: grpc.ChannelConnectivity.IDLE in states[connected:], "the connection closed"
+        )
+        assert client.health() == "SERVING"  # the next call reconnects
