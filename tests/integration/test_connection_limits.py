@@ -38,6 +38,8 @@ STREAMS = 8
 WAIT_S = 30.0
 ZEROS = bytes(MiB)
 FRAME_HEADER = 9
+
+
 def rss(pid: int) -> int:
     """Resident memory of process ``pid`` in bytes (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
