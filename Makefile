@@ -11,7 +11,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_BIN := $(BENCH_VENV)/bin
 BENCH_ARGS ?= --pairs 64 --batch 8 --max-length 128 --steps 6 --warmup 2
 
-.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-container test-vllm demo protos protos-check lint format clean
+.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-fuzz test-container test-vllm demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -58,11 +58,15 @@ tools:
 	  else echo "promtool missing: apt-get install prometheus (tests that need it are skipped)"; fi; }
 
 test: setup tools
-	$(BIN)/python -m pytest -m "not slow and not container" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not container and not fuzz" $(PYTEST_ARGS)
 
 # Exit code 5 means no slow test is collected, which is fine.
 test-slow: setup tools
-	$(BIN)/python -m pytest -m "slow and not container" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "slow and not container and not fuzz" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Hypothesis against one live server per service: at least 2,000 malformed requests each.
+test-fuzz: setup
+	$(BIN)/python -m pytest -m fuzz $(PYTEST_ARGS)
 
 # The service image built and run by a private dockerd (root; installs docker.io and debootstrap).
 test-container: setup

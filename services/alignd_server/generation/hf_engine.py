@@ -24,6 +24,7 @@ from alignd_server.common.batching import COMPUTE
 from alignd_server.common.info import eos_token_ids
 from alignd_server.common.models import LoadedModel
 from alignd_server.generation.sampling import Sampling, choose, row_generator
+from alignd_server.generation.weights import named_parameters
 
 EOS, STOP, LENGTH = "eos", "stop", "length"
 
@@ -152,16 +153,13 @@ class HFEngine:
 
     # -- weights -------------------------------------------------------------------------
 
-    def parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The model's parameters by name (tied weights appear once)."""
-        return dict(self.model.named_parameters())
-
     async def swap(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         """Copies ``tensors`` into the named parameters and sets ``version``, between batches."""
         await asyncio.get_running_loop().run_in_executor(COMPUTE, self._swap, tensors, version)
 
     def _swap(self, tensors: dict[str, torch.Tensor], version: int) -> None:
-        params = self.parameters()
+        # The names the update was checked against: a tied weight answers to each of its names.
+        params = named_parameters(self.model)
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(dtype=params[name].dtype))

@@ -108,8 +108,9 @@ def read(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> Resto
 
 
 def _full_weights(engine: TrainerEngine, weights: dict) -> dict[str, torch.Tensor]:
-    state = engine.model.state_dict()
-    missing = [n for n in state if n not in weights and not _tied(engine, n)]
+    state = engine.model.state_dict(keep_vars=True)  # tied weights: one tensor, several names
+    saved = {id(state[n]) for n in weights if n in state}  # the file holds each tensor once
+    missing = [n for n in state if n not in weights and id(state[n]) not in saved]
     unexpected = [n for n in weights if n not in state]
     if missing or unexpected:
         raise InvalidArgument(
@@ -262,8 +263,3 @@ def load(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> int:
     """Restores weights (and training state) from a checkpoint into ``engine``; returns the
     step. Nothing changes unless the whole checkpoint fits."""
     return apply(engine, read(engine, path, load_optimizer))
-
-
-def _tied(engine: TrainerEngine, name: str) -> bool:
-    """Whether a parameter absent from the file is tied to one present (lm_head to embeddings)."""
-    return name == "lm_head.weight" and getattr(engine.model.config, "tie_word_embeddings", False)

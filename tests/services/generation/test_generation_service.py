@@ -135,6 +135,23 @@ def test_weight_update_round_trip(server, policy):
         np.testing.assert_array_equal(a[0].logprobs, b[0].logprobs)
 
 
+def test_hf_engine_updates_a_tied_weight_under_either_of_its_names(serve, policy):
+    """The tiny model ties lm_head.weight to model.embed_tokens.weight: an update naming either
+    replaces the one tensor both are."""
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    embedding = perturbed(policy)["model.embed_tokens.weight"]
+    with GenerationClient(serve("generation", engine="hf").target) as client:
+        before = client.generate(CHATS, greedy)
+        client.update_weights({"lm_head.weight": embedding}, version=1, partial=True)
+        by_head = client.generate(CHATS, greedy)
+        client.update_weights({"model.embed_tokens.weight": embedding}, version=2, partial=True)
+        by_embedding = client.generate(CHATS, greedy)
+    for a, b, c in zip(before, by_head, by_embedding, strict=True):
+        assert not np.array_equal(a[0].logprobs, b[0].logprobs)
+        assert b[0].token_ids.tolist() == c[0].token_ids.tolist()
+        np.testing.assert_array_equal(b[0].logprobs, c[0].logprobs)
+
+
 def test_partial_updates_and_truncated_streams(server, policy):
     name = "model.norm.weight"
     with GenerationClient(server.target) as client:

@@ -243,6 +243,22 @@ def test_resume_from_a_checkpoint_is_exact(serve, tiny_models, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+def test_a_checkpoint_holds_tied_weights_once_whatever_their_names(serve, tiny_models, tmp_path):
+    """BERT as a causal LM ties its decoder weight and bias to tensors named otherwise (not
+    lm_head.weight): the checkpoint holds each once, and loads back into the model."""
+    path = str(tmp_path / "ckpt")
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.classifier)
+        train_steps(client, 1)
+        client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=path))
+        trained = logprobs_of(client)
+        initialize(client, tiny_models.classifier)
+        loaded = client._call("LoadCheckpoint", trainer_pb2.LoadCheckpointRequest(path=path))
+        assert loaded.step == 1
+        for a, b in zip(logprobs_of(client), trained, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_path):
     path = tmp_path / "ckpt"
     with TrainerClient(serve("trainer").target) as client:
