@@ -29,7 +29,7 @@ def pad_right(
     width = int(lengths.max()) if len(rows) else 0
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+        input_ids[b, : len(row)] = torch.tensor(np.asarray(row), dtype=torch.long)  # a copy
     attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return input_ids.to(device), attention_mask.to(device), lengths.to(device)
 

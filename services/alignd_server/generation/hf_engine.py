@@ -147,7 +147,7 @@ class HFEngine:
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
-            ids[b, width - len(row) :] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+            ids[b, width - len(row) :] = torch.tensor(np.asarray(row), dtype=torch.long)
             mask[b, width - len(row) :] = 1
         return ids.to(self.loaded.device), mask.to(self.loaded.device)
 
