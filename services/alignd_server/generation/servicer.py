@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +11,7 @@ from grpc import aio
 from alignd.clients.generation import ACCEPTED_KEY
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from alignd_server.common.errors import Aborted, DeadlineExceeded, InvalidArgument
+from alignd_server.common.errors import Aborted, InvalidArgument
 from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
@@ -28,24 +27,18 @@ from alignd_server.generation.sampling import Sampling, sampling_from_proto
 from alignd_server.generation.weights import (
     StreamAssembler,
     check_finite,
+    drain,
     named_parameters,
+    paced,
     read_directory,
 )
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-
 FINISH = {
     "eos": generation_pb2.FINISH_REASON_EOS,
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
-
-
-async def _drain(messages) -> None:
-    """Reads and drops what is left of a request stream (bounded by its pacing limits)."""
-    with contextlib.suppress(DeadlineExceeded):
-        async for _ in messages:
-            pass
 
 
 def _completion(output: Output) -> generation_pb2.Completion:
@@ -222,29 +215,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         finally:
             task.cancel()
 
-    async def _paced(self, requests) -> AsyncIterator[generation_pb2.UpdateWeightsRequest]:
-        """The messages of an update stream; each must come within update_idle_timeout_s of
-        the one before, and all within update_timeout_s, or the update is dropped."""
-        idle, total = self.settings.update_idle_timeout_s, self.settings.update_timeout_s
-        deadline = time.monotonic() + total
-        iterator = aiter(requests)
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                part = await asyncio.wait_for(anext(iterator), max(0.0, min(idle, remaining)))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                limit = (
-                    f"update_idle_timeout_s {idle:g}: no message came for that long"
-                    if idle < remaining
-                    else f"update_timeout_s {total:g}: the update took that long"
-                )
-                raise DeadlineExceeded(
-                    f"weight update dropped after {limit}; the serving weights are unchanged"
-                ) from None
-            yield part
-
     async def UpdateWeights(
         self, request_iterator, context
     ) -> generation_pb2.UpdateWeightsResponse:
@@ -253,7 +223,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         waits for that answer after its header (the SDK's asyncio client does) sees a rejected
         header's status rather than a failed write, and sends no weights for nothing."""
         engine = self._engine()
-        messages = self._paced(request_iterator)
+        messages = paced(
+            request_iterator, self.settings.update_idle_timeout_s, self.settings.update_timeout_s
+        )
         header = await anext(messages, None)  # read before answering, so the header's write
         if self._updating.locked():  # cannot race the answer
             raise Aborted("another weight update is in progress; retry after it finishes")
@@ -267,7 +239,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             try:
                 tensors = await self._assemble(assembler, messages)
             except InvalidArgument:
-                await _drain(messages)  # the sender is still writing: let it finish, so that
+                await drain(messages)  # the sender is still writing: let it finish, so that
                 raise  # it reads this status rather than a failed write
             await engine.swap(tensors, assembler.header.version)
             return self._updated(

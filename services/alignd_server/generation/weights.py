@@ -9,14 +9,17 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from alignd.v1 import common_pb2, generation_pb2
-from alignd_server.common.errors import InvalidArgument
+from alignd_server.common.errors import DeadlineExceeded, InvalidArgument
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.validation import check_version
 
@@ -72,6 +75,37 @@ def check_finite(tensors: dict[str, torch.Tensor], field: Callable[[str], str]) 
                     field(name),
                     f"{name!r} holds NaN or infinite values; the serving weights are unchanged",
                 )
+
+
+async def paced(requests, idle: float, total: float) -> AsyncIterator:
+    """The messages of an update stream; each must come within ``idle`` seconds of the one
+    before, and all within ``total``, or the update is dropped with DEADLINE_EXCEEDED (so a
+    sender that stalls cannot hold the update lock)."""
+    deadline = time.monotonic() + total
+    iterator = aiter(requests)
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            part = await asyncio.wait_for(anext(iterator), max(0.0, min(idle, remaining)))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            limit = (
+                f"update_idle_timeout_s {idle:g}: no message came for that long"
+                if idle < remaining
+                else f"update_timeout_s {total:g}: the update took that long"
+            )
+            raise DeadlineExceeded(
+                f"weight update dropped after {limit}; the serving weights are unchanged"
+            ) from None
+        yield part
+
+
+async def drain(messages: AsyncIterator) -> None:
+    """Reads and drops what is left of a paced stream (bounded by its pacing limits)."""
+    with contextlib.suppress(DeadlineExceeded):
+        async for _ in messages:
+            pass
 
 
 class StreamAssembler:
