@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 from alignd.models import BUNDLED, resolve_model
@@ -11,6 +14,7 @@ from alignd_server.common.errors import InvalidArgument
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.validation import (
     FLOAT32_MAX,
+    MAX_VERSION,
     in_range,
     optional_in_range,
     prompt_lengths,
@@ -33,6 +37,9 @@ SCHEDULES = {
 }
 DPO_VARIANTS = {0: "sigmoid", 1: "ipo", 2: "hinge", 3: "robust"}
 MAX_LORA_RANK = 1024
+MAX_TARGETS = 64
+MAX_PUSH_TIMEOUT_S = 86400.0
+DEFAULT_PUSH_TIMEOUT_S = 300.0
 MAX_LORA_ALPHA = 1e4
 
 
@@ -92,6 +99,36 @@ def init_spec(
         lora=_lora(request.lora) if request.HasField("lora") else None,
         seed=request.seed if request.HasField("seed") else 0,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PushSpec:
+    """A checked PushWeightsRequest (the targets still to be checked against the allowed)."""
+
+    addresses: list[str]
+    version: int
+    timeout: float
+    shared: Path | None
+
+
+def push_spec(request: trainer_pb2.PushWeightsRequest, roots: StorageRoots) -> PushSpec:
+    """Validates a PushWeightsRequest: 1 .. 64 targets, a version in [1, MAX_VERSION], a
+    timeout in (0, 86400] s, a shared path inside the storage roots."""
+    if not 1 <= len(request.targets) <= MAX_TARGETS:
+        raise InvalidArgument(
+            "targets", f"{len(request.targets)} targets, must be 1 .. {MAX_TARGETS}"
+        )
+    if not 1 <= request.version <= MAX_VERSION:
+        raise InvalidArgument("version", f"{request.version} is outside [1, {MAX_VERSION}]")
+    timeout = DEFAULT_PUSH_TIMEOUT_S
+    if request.timeout_seconds:
+        timeout = in_range(
+            request.timeout_seconds, "timeout_seconds", 0, MAX_PUSH_TIMEOUT_S, open_low=True
+        )
+    shared = None
+    if request.shared_path:
+        shared = roots.resolve(request.shared_path, "shared_path", write=True)
+    return PushSpec([t.address for t in request.targets], request.version, timeout, shared)
 
 
 def _lora(message: trainer_pb2.LoraConfig) -> LoraSpec:

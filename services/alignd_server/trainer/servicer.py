@@ -15,7 +15,7 @@ from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.tokenize_rpc import serve_tokenize
-from alignd_server.common.validation import MAX_VERSION, in_range, optional_in_range, temperature
+from alignd_server.common.validation import optional_in_range, temperature
 from alignd_server.trainer import checkpoint, convert, parallel, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
@@ -30,8 +30,6 @@ OUTPUTS = {
     trainer_pb2.FORWARD_OUTPUT_REWARDS: "rewards",
 }
 KIND_ENUM = {v: k for k, v in convert.KINDS.items()}
-MAX_TARGETS = 64
-MAX_PUSH_TIMEOUT_S = 86400.0
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -161,30 +159,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         engine = self._engine()
         if engine.spec.kind == SEQUENCE_CLASSIFIER:
             raise InvalidArgument("targets", "a sequence_classifier has no policy to push")
-        if not 1 <= len(request.targets) <= MAX_TARGETS:
-            raise InvalidArgument(
-                "targets", f"{len(request.targets)} targets, must be 1 .. {MAX_TARGETS}"
-            )
-        if not 1 <= request.version <= MAX_VERSION:
-            raise InvalidArgument("version", f"{request.version} is outside [1, {MAX_VERSION}]")
-        timeout = 300.0
-        if request.timeout_seconds:
-            timeout = in_range(
-                request.timeout_seconds, "timeout_seconds", 0, MAX_PUSH_TIMEOUT_S, open_low=True
-            )
-        shared = None
-        if request.shared_path:
-            shared = self.roots.resolve(request.shared_path, "shared_path", write=True)
-        addresses = [t.address for t in request.targets]
-        await self.push_targets.check(addresses)  # last: it may resolve names
+        spec = convert.push_spec(request, self.roots)
+        await self.push_targets.check(spec.addresses)  # last: it may resolve names
         with self.metrics.push_seconds.time():
             weights = await self._run(push.policy_weights, engine.model)
             results = await push.push(
-                weights, addresses, request.version, timeout, shared, self.settings
+                weights, spec.addresses, spec.version, spec.timeout, spec.shared, self.settings
             )
         self.metrics.push_bytes.inc(sum(r.bytes for r in results))
         if any(r.ok for r in results):
-            engine.pushed_version = request.version
+            engine.pushed_version = spec.version
         return trainer_pb2.PushWeightsResponse(results=results)
 
     async def Tokenize(self, request, context) -> common_pb2.TokenizeResponse:
