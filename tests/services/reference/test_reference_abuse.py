@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from waiting import until_queued
 
 from alignd import AsyncReferenceClient, ReferenceClient
 from alignd.errors import InvalidArgumentError, ResourceExhaustedError
@@ -79,11 +80,7 @@ async def test_a_full_queue_refuses_before_decoding_the_request(serve, monkeypat
             first = asyncio.ensure_future(client.logprobs([ROW], [2]))
             assert await asyncio.to_thread(entered.wait, 30)
             queued = asyncio.ensure_future(client.logprobs([ROW, ROW], [2, 3]))
-            for _ in range(1000):
-                if batcher.queued == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert batcher.queued == 2
+            await until_queued(batcher, 2)
             with pytest.raises(ResourceExhaustedError, match="max_queue_size 2"):
                 await client.logprobs([ROW], [2])
             assert len(decoded) == 2  # the refused request was not decoded

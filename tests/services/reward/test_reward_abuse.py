@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from waiting import until_queued
 
 from alignd import AsyncRewardClient, RewardClient
 from alignd.errors import AligndError, InvalidArgumentError, ResourceExhaustedError
@@ -86,11 +87,7 @@ async def test_a_full_queue_refuses_before_tokenizing(serve, monkeypatch):
             first = asyncio.ensure_future(client.score(["p"], ["computing"]))
             assert await asyncio.to_thread(entered.wait, 30)
             queued = asyncio.ensure_future(client.score(["p", "q"], ["waiting", "too"]))
-            for _ in range(1000):
-                if batcher.queued == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert batcher.queued == 2
+            await until_queued(batcher, 2)
             with pytest.raises(ResourceExhaustedError, match="max_queue_size 2"):
                 await client.score(["p"], ["refused"])
             assert tokenized == [1, 2]  # the refused request was not tokenized
