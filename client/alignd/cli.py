@@ -10,8 +10,10 @@ a local platform (the four services on loopback). Server-side commands import
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from alignd import __version__
 from alignd.models import list_models
@@ -55,11 +57,30 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from alignd.demo import run_demo
 
-    return run_demo(home=args.home, quick=args.quick, output=args.output)
+    if args.resume and args.output and Path(args.resume).resolve() != Path(args.output).resolve():
+        message = "alignd demo: --resume DIR is the demo's output directory; drop --output"
+        print(message, file=sys.stderr)
+        return 2
+    output = args.resume or args.output
+    return run_demo(home=args.home, quick=args.quick, output=output, resume=bool(args.resume))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The ``alignd run`` command line that continues this run."""
+    words = ["alignd", "run", args.config, "--resume"]
+    if args.platform:
+        words += ["--platform", args.platform]
+    elif args.env:
+        words.append("--env")
+    elif args.dir:
+        words += ["--dir", args.dir]
+    if args.home:
+        words += ["--home", args.home]
+    return shlex.join(words)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from alignd.jobs import ConfigError, RunDirectoryError, load_job_config, make_job
+    from alignd.jobs import ConfigError, JobFailed, RunDirectoryError, load_job_config, make_job
     from alignd.platform import Platform, PlatformConfigError, default_directory
 
     try:
@@ -79,7 +100,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except RunDirectoryError as err:
             print(f"alignd run: {err}", file=sys.stderr)
             return 2
-        rows = job.run_to_end()
+        try:
+            rows = job.run_to_end()
+        except JobFailed as err:
+            print(f"alignd run: {err}; continue with: {_resume_command(args)}", file=sys.stderr)
+            return 1
     print(f"{config.kind}: {len(rows)} steps; run directory {config.run_dir}")
     return 0
 
@@ -278,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", default=None, help="cache directory (default $ALIGND_HOME)")
     demo.add_argument("--quick", action="store_true", help="tiny models, a few minutes")
     demo.add_argument("--output", default=None, help="output directory (default ./alignd-demo)")
+    demo.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the demo in DIR (its --output): finished jobs are kept, an interrupted "
+        "one resumes from its last checkpoint",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     run = commands.add_parser("run", help="run a job config (sft, reward_model, dpo, ppo, grpo)")

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from alignd.evaluation import evaluate_policy, gain
-from alignd.jobs import DPOConfig, PPOConfig, RewardModelConfig, SFTConfig, make_job
+from alignd.jobs import DPOConfig, JobFailed, PPOConfig, RewardModelConfig, SFTConfig, make_job
 from alignd.local import LocalService
 from alignd.platform import Platform
 from alignd.tasks.sentiment import SCORER, load_task, oracle
@@ -86,21 +88,33 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
     return {"sft": sft, "reward_model": rm, "ppo": ppo, "dpo": dpo}
 
 
-def run_demo(home: str | None = None, quick: bool = False, output: str | None = None) -> int:
-    """Runs the demo; returns the exit code (1 if a check fails)."""
+def run_demo(
+    home: str | None = None, quick: bool = False, output: str | None = None, resume: bool = False
+) -> int:
+    """Runs the demo; returns the exit code (1 if a check or a job fails).
+
+    With ``resume``, continues the demo in ``output``: jobs it finished are not run again, a
+    job it interrupted resumes from its last checkpoint, and the evaluations run again.
+    """
     started = time.perf_counter()
     out = Path(output or "alignd-demo").resolve()
-    if (out / "runs").exists():
+    if (out / "runs").exists() and not resume:
         shutil.rmtree(out / "runs")
     (out / "configs").mkdir(parents=True, exist_ok=True)
     print(f"== alignd demo ({'quick, tiny models' if quick else 'SmolLM2-135M + MiniLM-L6'}) "
-          f"-> {out}")  # fmt: skip
+          f"-> {out}{', resumed' if resume else ''}")  # fmt: skip
     policy, backbone = _models(out, home, quick)
     jobs = configs(out, policy, backbone, quick)
     for name, config in jobs.items():
         text = yaml.safe_dump(config.model_dump(mode="json"))
         (out / "configs" / f"{name}.yaml").write_text(text)
-    summary = _pipeline(out, jobs, home, quick)
+    try:
+        summary = _pipeline(out, jobs, home, quick)
+    except JobFailed as err:
+        again = ["alignd", "demo", "--resume", str(out)]
+        again += (["--quick"] if quick else []) + (["--home", home] if home else [])
+        print(f"alignd demo: {err}; continue with: {shlex.join(again)}", file=sys.stderr)
+        return 1
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from alignd.demo_report import print_summary, write_report
@@ -151,11 +165,18 @@ def _pipeline(out: Path, jobs: dict, home: str | None, quick: bool) -> dict:
 
 
 def _run(title: str, config, platform) -> list[dict]:
-    print(f"== {title}")
+    """Runs one job of the demo (resuming it if its run directory holds one); every row of
+    its metrics, those of earlier runs included."""
+    state = Path(config.run_dir) / "state.json"
+    job = make_job(config, platform, resume=state.exists())
+    if job.run_dir.state.get("done"):
+        print(f"== {title}: done in an earlier run")
+        return job.run_dir.history
+    print(f"== {title}" + (f" (resumed after step {job.run_dir.step})" if state.exists() else ""))
     start = time.perf_counter()
-    rows = make_job(config, platform).run_to_end()
+    rows = job.run_to_end()
     print(f"   {len(rows)} steps in {time.perf_counter() - start:.0f}s")
-    return rows
+    return job.run_dir.history
 
 
 def _evaluate(name: str, platform, prompts, options: dict):

@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from alignd import settings
 from alignd.channel import TLSConfig
 from alignd.clients import GenerationClient, ReferenceClient, RewardClient, TrainerClient
-from alignd.clients.base import DEFAULT_TIMEOUT_S, ClientBase
+from alignd.clients.base import ClientBase
 from alignd.errors import AligndError
 from alignd.local import CLIENTS, LocalService, free_port
 from alignd.models import resolve_model
@@ -348,7 +348,9 @@ class Platform:
         tls: TLS settings of every client; None = plaintext.
         token: bearer token sent on every call.
         token_file: file holding the token (first non-empty line), instead of ``token``.
-        timeout: default deadline of each call, in seconds.
+        timeout: default deadline of each call, in seconds; None = each client's own default
+            (60 s; the trainer's 30 min). Jobs set their own (``trainer_timeout_s``,
+            ``service_timeout_s``).
         **channel_args: passed to every client (see :func:`alignd.channel.create_channel`).
     """
 
@@ -362,7 +364,7 @@ class Platform:
         tls: TLSConfig | None = None,
         token: str | None = None,
         token_file: Path | str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float | None = None,
         **channel_args: Any,
     ) -> None:
         services = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -34,3 +35,19 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
         assert (out / "configs" / f"{name}.yaml").is_file()
         assert (out / "runs" / name / "checkpoints" / "final" / "config.json").is_file()
     assert "oracle score" in result.stdout and "s in all" in result.stdout
+
+    # A demo stopped before DPO continues from the jobs it finished.
+    shutil.rmtree(out / "runs" / "dpo")
+    again = subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "demo", "--quick", "--resume", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    for title in ("SFT", "reward model", "PPO"):
+        assert f"== {title}: done in an earlier run" in again.stdout
+    assert "== DPO\n   5 steps in" in again.stdout
+    resumed = json.loads((out / "summary.json").read_text())
+    assert {job: info["steps"] for job, info in resumed["jobs"].items()} == {
+        "sft": 5, "reward_model": 10, "ppo": 2, "dpo": 5,
+    }  # fmt: skip
+    assert resumed["jobs"]["sft"]["last"] == summary["jobs"]["sft"]["last"]

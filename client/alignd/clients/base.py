@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 from grpc import aio
@@ -14,6 +15,17 @@ from alignd.channel import TLSConfig, create_aio_channel, create_channel
 from alignd.errors import AligndError, from_rpc_error
 
 DEFAULT_TIMEOUT_S = 60.0
+C = TypeVar("C")
+
+
+def with_timeout(client: C, timeout: float) -> C:
+    """A client of the same service over the same channel (not closed with it) whose calls
+    default to ``timeout`` seconds: the deadline one kind of work needs (a job's trainer
+    calls), without a second connection."""
+    clone = copy.copy(client)
+    clone.timeout = timeout
+    clone._owns_channel = False
+    return clone
 
 
 class ClientBase:
@@ -23,13 +35,15 @@ class ClientBase:
         target: ``host:port`` of the service.
         token: bearer token, when the server requires one.
         tls: TLS settings; None = plaintext.
-        timeout: default deadline of each call, in seconds.
+        timeout: default deadline of each call, in seconds; None = the client's
+            :attr:`default_timeout` (60 s; the trainer's compute calls get 30 min).
         channel: an existing channel to use instead of creating one (not closed by this client).
         **channel_args: passed to :func:`alignd.channel.create_channel`.
     """
 
     service: ClassVar[str]
     stub_class: ClassVar[type]
+    default_timeout: ClassVar[float] = DEFAULT_TIMEOUT_S
 
     def __init__(
         self,
@@ -37,12 +51,12 @@ class ClientBase:
         *,
         token: str | None = None,
         tls: TLSConfig | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float | None = None,
         channel: grpc.Channel | None = None,
         **channel_args: Any,
     ) -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = self.default_timeout if timeout is None else timeout
         self._owns_channel = channel is None
         self._channel = channel or create_channel(target, token=token, tls=tls, **channel_args)
         self._stub = self.stub_class(self._channel)
@@ -98,6 +112,7 @@ class AsyncClientBase:
 
     service: ClassVar[str]
     stub_class: ClassVar[type]
+    default_timeout: ClassVar[float] = DEFAULT_TIMEOUT_S
 
     def __init__(
         self,
@@ -105,12 +120,12 @@ class AsyncClientBase:
         *,
         token: str | None = None,
         tls: TLSConfig | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float | None = None,
         channel: aio.Channel | None = None,
         **channel_args: Any,
     ) -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = self.default_timeout if timeout is None else timeout
         self._owns_channel = channel is None
         self._channel = channel or create_aio_channel(target, token=token, tls=tls, **channel_args)
         self._stub = self.stub_class(self._channel)

@@ -14,6 +14,9 @@ from alignd.tensors import from_numpy, from_ragged, to_numpy, to_ragged
 from alignd.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 SERVICE = "alignd.v1.TrainerService"
+TRAINER_TIMEOUT_S = 1800.0
+"""Default deadline of trainer calls: they compute, and a slow machine or a large model can
+take minutes for one; liveness comes from keepalive, not from this."""
 KINDS = {
     "causal_lm": trainer_pb2.MODEL_KIND_CAUSAL_LM,
     "causal_lm_value": trainer_pb2.MODEL_KIND_CAUSAL_LM_VALUE,
@@ -163,7 +166,7 @@ class _Primitives:
         return self._call("GetState", trainer_pb2.GetStateRequest(), timeout=timeout)
 
     def initialize(
-        self, model_path: str = "", kind: str = "causal_lm", *, timeout: float | None = 600,
+        self, model_path: str = "", kind: str = "causal_lm", *, timeout: float | None = None,
         **options,
     ):  # fmt: skip
         """Loads a model and builds its optimizer (see :func:`initialize_request`);
@@ -187,7 +190,7 @@ class _Primitives:
         return self._call("OptimStep", trainer_pb2.OptimStepRequest(), timeout=timeout)
 
     def save_checkpoint(
-        self, path: str, *, include_optimizer: bool = True, timeout: float | None = 600
+        self, path: str, *, include_optimizer: bool = True, timeout: float | None = None
     ):
         """Writes a checkpoint directory atomically (``SaveCheckpointResponse``)."""
         request = trainer_pb2.SaveCheckpointRequest(
@@ -196,7 +199,7 @@ class _Primitives:
         return self._call("SaveCheckpoint", request, timeout=timeout)
 
     def load_checkpoint(
-        self, path: str, *, load_optimizer: bool = True, timeout: float | None = 600
+        self, path: str, *, load_optimizer: bool = True, timeout: float | None = None
     ):
         """Restores a checkpoint and its training state (``LoadCheckpointResponse``)."""
         request = trainer_pb2.LoadCheckpointRequest(path=str(path), load_optimizer=load_optimizer)
@@ -204,10 +207,13 @@ class _Primitives:
 
 
 class TrainerClient(_Primitives, TokenizingClient):
-    """Sync client of the trainer service."""
+    """Sync client of the trainer service. Its calls compute (a forward-backward of a large
+    model on a busy machine can take many minutes), so their deadline defaults to 30 minutes;
+    a dead server or connection is noticed by keepalive long before."""
 
     service = SERVICE
     stub_class = trainer_pb2_grpc.TrainerServiceStub
+    default_timeout = TRAINER_TIMEOUT_S
 
     def forward(
         self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,
@@ -234,6 +240,7 @@ class AsyncTrainerClient(_Primitives, AsyncTokenizingClient):
 
     service = SERVICE
     stub_class = trainer_pb2_grpc.TrainerServiceStub
+    default_timeout = TRAINER_TIMEOUT_S
 
     async def forward(
         self, batch: TrainBatch, outputs: Sequence[str] = ("logprobs",), *,

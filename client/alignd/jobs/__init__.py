@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from alignd.jobs.base import Job
+from alignd.jobs.base import Job, JobFailed
 from alignd.jobs.config import (
     ConfigError,
     DPOConfig,
@@ -48,6 +48,7 @@ __all__ = [
     "GRPOJob",
     "Job",
     "JobConfig",
+    "JobFailed",
     "PPOConfig",
     "PPOJob",
     "RewardModelConfig",

@@ -18,8 +18,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from alignd.clients.base import with_timeout
 from alignd.errors import (
     AbortedError,
+    AligndError,
     DeadlineExceededError,
     ResourceExhaustedError,
     UnavailableError,
@@ -31,6 +33,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRANSIENT = (UnavailableError, DeadlineExceededError, ResourceExhaustedError, AbortedError)
 """Errors a restarting or overloaded service gives; calls are retried on them."""
+
+
+class JobFailed(RuntimeError):
+    """A job stopped because a call to a service failed; its run directory can resume.
+
+    Attributes:
+        step: the step that failed (0: before the first step, while setting up).
+        resumes_at: the step a resumed run starts from (its last checkpoint's, plus one).
+        cause: the error of the failed call.
+    """
+
+    def __init__(self, job: Job, step: int, cause: AligndError) -> None:
+        name = job.config.name or job.kind
+        where = f"at step {step} of {job.total_steps}" if step else "while setting up"
+        detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        super().__init__(
+            f"{name} failed {where}: {detail}; a resumed run starts at step {job.run_dir.step + 1}"
+        )
+        self.step, self.resumes_at, self.cause = step, job.run_dir.step + 1, cause
 
 
 class Job:
@@ -50,10 +71,13 @@ class Job:
                  progress: bool = True) -> None:  # fmt: skip
         self.config = config
         self.platform = platform
+        # Clients over the platform's channels with the deadlines this job's work needs.
+        self.trainer = with_timeout(platform.trainer, config.trainer_timeout_s)
         self.run_dir = RunDirectory(config.run_dir, config, resume=resume)
         self.progress = progress
         self.timings: dict[str, float] = defaultdict(float)
         self.total_steps = 0
+        self._step = 0  # the step running now (0 while setting up)
 
     # ---- what subclasses provide -------------------------------------------------------
 
@@ -78,18 +102,31 @@ class Job:
     # ---- the driver ----------------------------------------------------------------------
 
     def run(self) -> Iterator[dict[str, Any]]:
-        """Runs the job to its last step, yielding each logged row of metrics."""
+        """Runs the job to its last step, yielding each logged row of metrics.
+
+        Raises:
+            JobFailed: a call to a service failed (after its retries); the run directory
+                resumes from the last checkpoint.
+        """
+        try:
+            yield from self._run_steps()
+        except AligndError as err:
+            raise JobFailed(self, self._step, err) from err
+
+    def _run_steps(self) -> Iterator[dict[str, Any]]:
+        self._step = 0
         with self.phase("setup"):
             self.setup()
             self.initialize_trainer()
             self.prepare()
         start = self.run_dir.step
         if start:
-            self.call(self.platform.trainer.load_checkpoint, self.run_dir.state["checkpoint"])
+            self.call(self.trainer.load_checkpoint, self.run_dir.state["checkpoint"])
             log.info("%s: resumed at step %d of %d", self.kind, start, self.total_steps)
         bar = self._progress(start)
         try:
             for step in range(start + 1, self.total_steps + 1):
+                self._step = step
                 metrics = self.train_step(step)
                 last = step == self.total_steps
                 if last or (self.config.eval_every and step % self.config.eval_every == 0):
@@ -123,7 +160,7 @@ class Job:
 
             lora = LoraConfig(o.lora.r, o.lora.alpha, o.lora.dropout, tuple(o.lora.target_modules))
         self.call(
-            self.platform.trainer.initialize, self.config.model, self.model_kind, lr=o.lr,
+            self.trainer.initialize, self.config.model, self.model_kind, lr=o.lr,
             betas=o.betas, weight_decay=o.weight_decay, schedule=o.schedule,
             warmup_steps=o.warmup_steps,
             total_steps=max(self.optimizer_steps(), o.warmup_steps + 1),
@@ -136,7 +173,7 @@ class Job:
         crash mid-save leaves the previous checkpoint and state in force)."""
         path = self.run_dir.checkpoint("final" if final else step)
         with self.phase("checkpoint"):
-            self.call(self.platform.trainer.save_checkpoint, str(path.resolve()))
+            self.call(self.trainer.save_checkpoint, str(path.resolve()))
         self.run_dir.save_state(step=step, checkpoint=str(path.resolve()), done=final,
                                 **self.extra_state())  # fmt: skip
         self.after_checkpoint(step, path)
@@ -174,6 +211,16 @@ class Job:
                 log.warning("%s failed (%s); retrying in %.1fs", _name(fn), err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def service(self, role: str):
+        """The platform's client of ``role`` (generation, reward, reference) with the job's
+        ``service_timeout_s``."""
+        return with_timeout(getattr(self.platform, role), self.config.service_timeout_s)
+
+    def generation_clients(self) -> list:
+        """Every generation replica's client, with the job's ``service_timeout_s``."""
+        timeout = self.config.service_timeout_s
+        return [with_timeout(c, timeout) for c in self.platform.generation_clients()]
 
     def rng(self, step: int) -> random.Random:
         """The random generator of ``step`` (the same on a resumed run)."""

@@ -94,6 +94,13 @@ class JobConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     retry_seconds: float = Field(300.0, ge=0)
     """How long a call to a restarting service is retried (with backoff) before failing."""
+    trainer_timeout_s: float = Field(1800.0, gt=0)
+    """Deadline of each trainer call (ForwardBackward, Forward, OptimStep, Initialize,
+    checkpoints, PushWeights): generous, since a step of a large model on a busy machine can
+    take minutes; a dead trainer is noticed by keepalive long before."""
+    service_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of each call to generation, reward and reference (a round's Generate can take
+    minutes on a CPU); such calls are retried for ``retry_seconds`` when they fail."""
 
     @model_validator(mode="after")
     def _micro_batch(self) -> JobConfig:

@@ -70,9 +70,7 @@ class _Online(Job):
         self.version = -1  # generation holds other weights until the first push
         base = self.run_dir.state.get("version_base")
         if base is None:
-            base = max(
-                self.call(c.info).weights_version for c in self.platform.generation_clients()
-            )
+            base = max(self.call(c.info).weights_version for c in self.generation_clients())
         self.version_base = int(base)
 
     def extra_state(self) -> dict:
@@ -85,7 +83,7 @@ class _Online(Job):
         deadline, delay = time.monotonic() + self.config.retry_seconds, 0.5
         with self.phase("weight_sync"):
             while True:
-                results = self.call(self.platform.trainer.push_weights, targets, version)
+                results = self.call(self.trainer.push_weights, targets, version)
                 failed = [r for r in results if not r.ok]
                 if not failed:
                     break
@@ -101,7 +99,7 @@ class _Online(Job):
         """Pushes again if a replica restarted (it came back with its initial weights)."""
         stale = self.version != version or any(
             self.call(client.info).weights_version != version
-            for client in self.platform.generation_clients()
+            for client in self.generation_clients()
         )
         if stale:
             self._sync_weights(version)
@@ -118,16 +116,16 @@ class _Online(Job):
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
         )  # fmt: skip
         with self.phase("generation"):
-            samples = self.call(self.platform.generation.generate, prompts, params)
+            samples = self.call(self.service("generation").generate, prompts, params)
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
         lengths = [len(s.prompt_token_ids) for _, s in flat]
         with self.phase("scoring"):
-            scores = self.call(self.platform.reward.score, [p for p, _ in flat],
+            scores = self.call(self.service("reward").score, [p for p, _ in flat],
                                texts, scorer=c.rollout.scorer or None)  # fmt: skip
         with self.phase("reference"):
-            ref = self.call(self.platform.reference.logprobs, rows, lengths)
+            ref = self.call(self.service("reference").logprobs, rows, lengths)
         ref_padded, mask = alg.pad_right(ref)
         return Rollout(
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
@@ -138,7 +136,7 @@ class _Online(Job):
         """Old log-probs (and values) of the rollout under the current policy, padded."""
         with self.phase("training"):
             result = self.call(
-                self.platform.trainer.forward, rollout.batch(range(len(rollout.rows))),
+                self.trainer.forward, rollout.batch(range(len(rollout.rows))),
                 outputs, temperature=self.config.rollout.temperature,
             )  # fmt: skip
         return {k: alg.pad_right(v)[0] for k, v in result.items()}
@@ -146,7 +144,7 @@ class _Online(Job):
     def _train(self, step: int, rollout: Rollout, loss, epochs: int, **inputs) -> dict[str, float]:
         """``epochs`` passes of minibatches (``batch_size`` rows each, one optimizer step
         per minibatch, ``micro_batch_size`` rows per ForwardBackward)."""
-        c, trainer, rng = self.config, self.platform.trainer, self.rng(-step)  # not the rollout's
+        c, trainer, rng = self.config, self.trainer, self.rng(-step)  # not the rollout's
         sums: dict[str, list[float]] = {}
         with self.phase("training"):
             for _ in range(epochs):

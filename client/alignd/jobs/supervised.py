@@ -38,7 +38,7 @@ class _Offline(Job):
 
     def _accumulate(self, step: int, examples: int, make_batch, loss) -> dict[str, float]:
         """ForwardBackward over the step's micro-batches, then OptimStep."""
-        c, trainer = self.config, self.platform.trainer
+        c, trainer = self.config, self.trainer
         picked = batch_indices(step, examples, c.batch_size, c.seed)
         totals: dict[str, float] = {}
         with self.phase("training"):
@@ -63,7 +63,7 @@ class SFTJob(_Offline):
 
     def prepare(self) -> None:
         self.train, self.held = (
-            tokenize(self.call, self.platform.trainer, [e.prompt for e in part],
+            tokenize(self.call, self.trainer, [e.prompt for e in part],
                      [e.response for e in part], self.config.max_length)
             for part in self.examples
         )  # fmt: skip
@@ -79,7 +79,7 @@ class SFTJob(_Offline):
         total, count = 0.0, 0
         for part in chunks(np.arange(len(self.held)), EVAL_CHUNK):
             seqs = [self.held[i] for i in part]
-            rows = self.platform.trainer.forward(sequence_batch(seqs), ["logprobs"])["logprobs"]
+            rows = self.trainer.forward(sequence_batch(seqs), ["logprobs"])["logprobs"]
             total -= float(sum(r.sum() for r in rows))
             count += sum(len(r) for r in rows)
         nll = total / max(count, 1)
@@ -94,7 +94,7 @@ class _Pairs(_Offline):
         self.total_steps = self._steps(len(self.examples[0]))
 
     def prepare(self) -> None:
-        client = self.platform.trainer
+        client = self.trainer
         self.train, self.held = (self._tokenize_pairs(client, part) for part in self.examples)
 
     def _tokenize_pairs(self, client, pairs) -> tuple[list, list]:
@@ -127,7 +127,7 @@ class RewardModelJob(_Pairs):
         margins = []
         for part in chunks(np.arange(len(chosen)), EVAL_CHUNK):
             batch = pair_batch([chosen[i] for i in part], [rejected[i] for i in part])
-            rewards = self.platform.trainer.forward(batch, ["rewards"])["rewards"]
+            rewards = self.trainer.forward(batch, ["rewards"])["rewards"]
             margins.append(rewards[: len(part)] - rewards[len(part) :])
         margin = np.concatenate(margins)
         return {"eval/accuracy": float((margin > 0).mean()), "eval/margin": float(margin.mean())}
@@ -153,7 +153,7 @@ class DPOJob(_Pairs):
         path = self.run_dir.path / "cache" / f"ref_logps-{name}-{key}.npy"
         if path.exists():
             return np.load(path)
-        reference, sums = self.platform.reference, []
+        reference, sums = self.service("reference"), []
         with self.phase("reference"):
             for part in chunks(np.arange(len(seqs)), 32):
                 rows = self.call(reference.logprobs, [seqs[i].input_ids for i in part],
@@ -183,7 +183,7 @@ class DPOJob(_Pairs):
         n, margins = len(chosen), []
         for part in chunks(np.arange(n), EVAL_CHUNK):
             batch = pair_batch([chosen[i] for i in part], [rejected[i] for i in part])
-            rows = self.platform.trainer.forward(batch, ["logprobs"])["logprobs"]
+            rows = self.trainer.forward(batch, ["logprobs"])["logprobs"]
             policy = np.array([r.sum() for r in rows], dtype=np.float64)
             k = len(part)
             ratio = policy - np.concatenate([self.ref_held[part], self.ref_held[n + part]])

@@ -127,3 +127,68 @@ def test_grpo_and_rloo_jobs_use_group_baselines(platform, tmp_path, baseline):
     )  # fmt: skip
     rows = run(config, platform)
     assert rows[0]["step"] == 1 and "loss" in rows[0] and "reward" in rows[0]
+
+
+def test_trainer_calls_get_the_jobs_deadline_not_the_platforms(serve, tmp_path, monkeypatch):
+    from alignd_server.trainer.servicer import TrainerServicer
+
+    remaining: list[float] = []  # each ForwardBackward's deadline as the server sees it
+    original = TrainerServicer.ForwardBackward
+
+    async def recording(self, request, context):
+        remaining.append(context.time_remaining())
+        return await original(self, request, context)
+
+    monkeypatch.setattr(TrainerServicer, "ForwardBackward", recording)
+    trainer = serve("trainer")
+    data = {"path": TASK.sft, "limit": 16, "held_out": 4}
+    config = SFTConfig(data=data, max_steps=1, trainer_timeout_s=1234, **common(tmp_path, "t"))
+    with Platform(trainer=trainer.target, timeout=5) as platform:  # a short platform default
+        run(config, platform)
+    # gRPC carries deadlines rounded up to the next unit: about 1234 s, far above 5 s.
+    assert remaining and all(1200 < r < 1300 for r in remaining), remaining
+
+
+def test_a_failed_job_says_what_failed_and_the_command_that_resumes_it(
+    serve, tmp_path, monkeypatch, capsys
+):
+    import shlex
+
+    import yaml
+
+    from alignd.cli import main
+    from alignd_server.common.errors import Unavailable
+    from alignd_server.trainer.servicer import TrainerServicer
+
+    calls, failing = [], [True]
+    original = TrainerServicer.ForwardBackward
+
+    async def third_call_fails(self, request, context):
+        calls.append(1)
+        if failing[0] and len(calls) == 3:  # step 3's (one ForwardBackward a step)
+            raise Unavailable("the trainer is restarting")
+        return await original(self, request, context)
+
+    monkeypatch.setattr(TrainerServicer, "ForwardBackward", third_call_fails)
+    trainer = serve("trainer")
+    job = tmp_path / "sft.yaml"
+    job.write_text(yaml.safe_dump({
+        "kind": "sft", "run_dir": str(tmp_path / "run"), "data": {"path": str(TASK.sft),
+        "limit": 16, "held_out": 4}, "max_length": 160, "batch_size": 4, "max_steps": 3,
+        "save_every": 1, "retry_seconds": 300, "optim": {"lr": 1e-3},
+    }))  # fmt: skip
+    where = tmp_path / "platform.yaml"
+    where.write_text(yaml.safe_dump({"services": {"trainer": trainer.target}}))
+    assert main(["run", str(job), "--platform", str(where)]) == 1
+    assert len(calls) == 3  # a ForwardBackward is never retried: it would count twice
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    command = f"alignd run {job} --resume --platform {where}"
+    assert line.startswith("alignd run: sft failed at step 3 of 3: ")
+    assert "UNAVAILABLE: the trainer is restarting" in line
+    assert "a resumed run starts at step 3" in line  # step 2 was saved
+    assert line.endswith(f"; continue with: {command}")
+    failing[0] = False
+    assert main(shlex.split(command)[1:]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert len(calls) == 4  # the resumed run repeated step 3 only
