@@ -1,7 +1,8 @@
 """Typed losses for ``TrainerClient.forward_backward`` (see ``alignd.v1.Loss``).
 
 Each is a small dataclass whose fields are the loss's parameters, with the defaults the server
-applies; ``to_proto()`` builds the message.
+applies (its loss specs, ``alignd_server.trainer.losses``, hold them; a test checks these
+classes agree with them); ``to_proto()`` builds the message.
 """
 
 from __future__ import annotations

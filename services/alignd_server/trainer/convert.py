@@ -24,6 +24,8 @@ from alignd_server.common.validation import temperature as temperature_of
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import Batch, InitSpec
 from alignd_server.trainer.lora import LoraSpec
+from alignd_server.trainer.losses import BY_FIELD
+from alignd_server.trainer.losses.spec import Param
 
 KINDS = {
     trainer_pb2.MODEL_KIND_CAUSAL_LM: "causal_lm",
@@ -35,7 +37,6 @@ SCHEDULES = {
     trainer_pb2.SCHEDULE_KIND_LINEAR: "linear",
     trainer_pb2.SCHEDULE_KIND_COSINE: "cosine",
 }
-DPO_VARIANTS = {0: "sigmoid", 1: "ipo", 2: "hinge", 3: "robust"}
 MAX_LORA_RANK = 1024
 MAX_TARGETS = 64
 MAX_PUSH_TIMEOUT_S = 86400.0
@@ -199,69 +200,34 @@ def batch(
     return out
 
 
-# The range of every loss hyper-parameter: (low, high, open_low, open_high).
-COEFFICIENT = (0.0, 1e3, False, False)
-POSITIVE = (0.0, 1e3, True, False)
-CLIP = (0.0, 10.0, True, False)
-FRACTION = (0.0, 1.0, False, True)
-BELOW_HALF = (0.0, 0.5, False, True)
 MAX_LOSS_SCALE = 65536.0
 
 
-def _param(spec, kind: str, name: str, default: float | None, bounds: tuple) -> float | None:
-    """``spec.name`` checked against ``bounds``; ``default`` when an optional field is unset."""
-    if spec.DESCRIPTOR.fields_by_name[name].has_presence and not spec.HasField(name):
-        return default
-    low, high, open_low, open_high = bounds
+def _param(fields, prefix: str, param: Param) -> float | str | None:
+    """``fields.<param.name>`` checked against the spec's range or choices; the spec's default
+    when an optional field is unset."""
+    name, field = param.name, f"{prefix}.{param.name}"
+    if fields.DESCRIPTOR.fields_by_name[name].has_presence and not fields.HasField(name):
+        return param.default
+    value = getattr(fields, name)
+    if param.choices:
+        if not 0 <= value < len(param.choices):
+            raise InvalidArgument(field, f"unknown value {value}")
+        return param.choices[value]
+    bounds = param.range
     return in_range(
-        getattr(spec, name), f"loss.{kind}.{name}", low, high, open_low=open_low,
-        open_high=open_high,
+        value, field, bounds.low, bounds.high, open_low=bounds.open_low,
+        open_high=bounds.open_high,
     )  # fmt: skip
 
 
 def loss(message: trainer_pb2.Loss) -> tuple[str, dict, float]:
     """(loss name, its parameters, temperature) from a Loss message, every parameter checked
-    against its range (naming the field, e.g. ``loss.ppo.clip_range``)."""
+    against the range its loss's spec gives (naming the field, e.g. ``loss.ppo.clip_range``)."""
     kind = message.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("loss", "one loss must be set")
-    spec = getattr(message, kind)
-    temperature = 1.0
-    if kind == "cross_entropy":
-        params = {"label_smoothing": _param(spec, kind, "label_smoothing", 0.0, FRACTION)}
-    elif kind == "bradley_terry":
-        params = {"center_rewards_coefficient": _param(
-            spec, kind, "center_rewards_coefficient", 0.0, COEFFICIENT)}  # fmt: skip
-    elif kind == "dpo":
-        if spec.variant not in DPO_VARIANTS:
-            raise InvalidArgument("loss.dpo.variant", f"unknown value {spec.variant}")
-        params = {"variant": DPO_VARIANTS[spec.variant],
-                  "beta": _param(spec, kind, "beta", 0.1, POSITIVE),
-                  "label_smoothing": _param(spec, kind, "label_smoothing", 0.0,
-                                            BELOW_HALF)}  # fmt: skip
-    elif kind == "kto":
-        params = {
-            name: _param(spec, kind, name, default, POSITIVE)
-            for name, default in (
-                ("beta", 0.1),
-                ("desirable_weight", 1.0),
-                ("undesirable_weight", 1.0),
-            )
-        }
-    elif kind == "ppo":
-        params = {
-            "clip_range": _param(spec, kind, "clip_range", 0.2, CLIP),
-            "value_clip_range": _param(spec, kind, "value_clip_range", 0.2, POSITIVE),
-            "vf_coef": _param(spec, kind, "vf_coef", 0.1, COEFFICIENT),
-            "entropy_coef": _param(spec, kind, "entropy_coef", 0.0, COEFFICIENT),
-        }
-        temperature = temperature_of(spec, "loss.ppo.temperature")
-    else:
-        aggregation = {0: "token_mean", 1: "sequence_mean"}.get(spec.aggregation)
-        if aggregation is None:
-            raise InvalidArgument("loss.policy_gradient.aggregation", "unknown value")
-        params = {"clip_range": _param(spec, kind, "clip_range", None, CLIP),
-                  "kl_coef": _param(spec, kind, "kl_coef", 0.0, COEFFICIENT),
-                  "aggregation": aggregation}  # fmt: skip
-        temperature = temperature_of(spec, "loss.policy_gradient.temperature")
-    return kind, params, temperature
+    spec, fields, prefix = BY_FIELD[kind], getattr(message, kind), f"loss.{kind}"
+    params = {param.name: _param(fields, prefix, param) for param in spec.params}
+    temperature = temperature_of(fields, f"{prefix}.temperature") if spec.temperature else 1.0
+    return spec.name, params, temperature

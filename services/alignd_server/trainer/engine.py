@@ -19,14 +19,13 @@ from alignd_server.common.forward import pad_right, sequence_scores
 from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
 from alignd_server.trainer import lora
 from alignd_server.trainer.forward import token_stats
-from alignd_server.trainer.losses import LOSSES, LossInputs, LossOutput
+from alignd_server.trainer.losses import SPECS, LossInputs, LossOutput
 
 CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_CLASSIFIER = (
     "causal_lm",
     "causal_lm_value",
     "sequence_classifier",
 )
-TOKEN_LOSSES = {"cross_entropy", "dpo", "kto", "ppo", "policy_gradient"}
 
 
 @dataclass
@@ -129,11 +128,10 @@ class TrainerEngine:
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _inputs(
-        self, batch: Batch, temperature: float, grad: bool, *, entropy: bool = False,
-        mean_logprobs: bool = False, values: bool = False,
-    ) -> LossInputs:  # fmt: skip
-        """The tensors a loss (or Forward) reads; only the requested statistics are computed."""
+    def _inputs(self, batch: Batch, temperature: float, grad: bool, needs: set[str]) -> LossInputs:
+        """The tensors a loss (or Forward) reads; of the statistics ``entropy``,
+        ``mean_logprobs`` and ``values`` only those in ``needs`` are computed."""
+        values = "values" in needs
         ids, mask, lengths = pad_right(batch.rows, self.loaded.tokenizer.pad_token_id, self.device)
         prompts = torch.as_tensor(batch.prompts, device=self.device)
         with torch.set_grad_enabled(grad):
@@ -143,7 +141,8 @@ class TrainerEngine:
                                   sequence_inputs=_sequence(batch, self.device))  # fmt: skip
             stats = token_stats(
                 self.model, ids, mask, lengths, prompts, temperature=temperature,
-                entropy=entropy, mean_logprobs=mean_logprobs, hidden=values,
+                entropy="entropy" in needs, mean_logprobs="mean_logprobs" in needs,
+                hidden=values,
             )  # fmt: skip
         token_mask = stats.mask
         if batch.completion_mask is not None:
@@ -161,27 +160,18 @@ class TrainerEngine:
         )  # fmt: skip
 
     def check_loss(self, loss: str) -> None:
-        """The model kind must be able to compute ``loss``."""
-        if loss == "bradley_terry" and self.spec.kind != SEQUENCE_CLASSIFIER:
-            raise InvalidArgument(
-                "loss", f"bradley_terry needs a sequence_classifier, not {self.spec.kind}"
-            )
-        if loss in TOKEN_LOSSES and self.spec.kind == SEQUENCE_CLASSIFIER:
-            raise InvalidArgument("loss", f"{loss} needs a causal LM, not a sequence_classifier")
-        if loss == "ppo" and self.spec.kind != CAUSAL_LM_VALUE:
-            raise InvalidArgument("loss", "ppo needs a causal_lm_value model (policy + value head)")
+        """The model kind must be one that can compute ``loss`` (its spec's ``model``)."""
+        model = SPECS[loss].model
+        if self.spec.kind not in model.kinds:
+            raise InvalidArgument("loss", f"{loss} needs {model.described}, not a {self.spec.kind}")
 
     def compute_loss(self, batch: Batch, loss: str, params: dict, temperature: float) -> LossOutput:
         """Computes ``loss`` on ``batch``, keeping the graph for :meth:`backward`."""
         self.check_loss(loss)
         lora.set_dropout(self.model, self.spec.lora is not None and self.spec.lora.dropout > 0)
-        inputs = self._inputs(
-            batch, temperature, grad=True,
-            entropy=loss == "ppo" and params.get("entropy_coef", 0.0) > 0,
-            mean_logprobs=loss == "cross_entropy" and params.get("label_smoothing", 0.0) > 0,
-            values=loss == "ppo",
-        )  # fmt: skip
-        output = LOSSES[loss](inputs, **params)
+        spec = SPECS[loss]
+        inputs = self._inputs(batch, temperature, grad=True, needs=spec.needs(params))
+        output = spec.fn(inputs, **params)
         if not torch.isfinite(output.loss):
             lora.set_dropout(self.model, False)
             raise InvalidArgument(
@@ -245,9 +235,7 @@ class TrainerEngine:
         if "values" in outputs and self.value_head is None:
             raise InvalidArgument("outputs", "values need a causal_lm_value model")
         lora.set_dropout(self.model, False)
-        inputs = self._inputs(
-            batch, temperature, grad=False, entropy="entropy" in outputs, values="values" in outputs
-        )
+        inputs = self._inputs(batch, temperature, grad=False, needs=outputs)
         if self.spec.kind == SEQUENCE_CLASSIFIER:
             return {"rewards": inputs.rewards.detach().cpu().numpy()}
         lengths = [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]

@@ -55,10 +55,9 @@ from alignd_server.trainer.config import (
 )
 from alignd_server.trainer.engine import Batch, InitSpec, TrainerEngine
 from alignd_server.trainer.lora import LoraSpec
-from alignd_server.trainer.losses import LossOutput
+from alignd_server.trainer.losses import SPECS, LossOutput
 
 log = logging.getLogger(__name__)
-PAIRWISE = {"dpo", "bradley_terry"}
 MAX_METRICS = 64
 BUCKET = 1 << 24
 """Gradient elements all-reduced at once."""
@@ -331,16 +330,17 @@ def _load(group: Group, engine: TrainerEngine, path: str, load_optimizer: bool) 
 def shard(batch: Batch, loss: str, rank: int, world_size: int) -> Batch | None:
     """The rows of ``batch`` rank ``rank`` computes ``loss`` on (``None``: nothing for it).
 
-    Pairwise losses keep each chosen row with its rejected row; KTO's KL rows go to every
-    rank, its labelled rows are split.
+    As the loss's spec says: pairwise losses keep each chosen row with its rejected row; rows
+    marked in the spec's ``replicated`` input (KTO's KL rows) go to every rank, the others are
+    split.
     """
-    rows = len(batch.rows)
-    if loss in PAIRWISE:
+    rows, spec = len(batch.rows), SPECS[loss]
+    if spec.shard == "pairs":
         pairs = np.array_split(np.arange(rows // 2), world_size)[rank]
         index = np.concatenate([pairs, pairs + rows // 2])
         by_pair = pairs
-    elif loss == "kto" and "kl_rows" in batch.sequence_inputs:
-        kl = batch.sequence_inputs["kl_rows"].astype(bool)
+    elif spec.replicated is not None and spec.replicated in batch.sequence_inputs:
+        kl = batch.sequence_inputs[spec.replicated].astype(bool)
         mine = np.array_split(np.flatnonzero(~kl), world_size)[rank]
         pairs, index, by_pair = mine, np.sort(np.concatenate([mine, np.flatnonzero(kl)])), None
     else:

@@ -23,6 +23,7 @@ from alignd_server.trainer.losses.base import (
     require_sequence_input,
     split_pairs,
 )
+from alignd_server.trainer.losses.spec import CLASSIFIER, COEFFICIENT, LossSpec, Param
 
 
 def bradley_terry(inputs: LossInputs, center_rewards_coefficient: float = 0.0) -> LossOutput:
@@ -67,3 +68,14 @@ def bradley_terry(inputs: LossInputs, center_rewards_coefficient: float = 0.0) -
         },
         num_tokens=2 * pairs,
     )
+
+
+SPEC = LossSpec(
+    name="bradley_terry",
+    field="bradley_terry",
+    fn=bradley_terry,
+    params=(Param("center_rewards_coefficient", 0.0, COEFFICIENT),),
+    model=CLASSIFIER,
+    sequence_inputs=("margins",),
+    shard="pairs",
+)

@@ -21,6 +21,7 @@ from alignd_server.trainer.losses.base import (
     require_policy,
     token_count,
 )
+from alignd_server.trainer.losses.spec import CAUSAL_LM, FRACTION, LossSpec, Param, Statistic
 
 
 def cross_entropy(inputs: LossInputs, label_smoothing: float = 0.0) -> LossOutput:
@@ -52,3 +53,13 @@ def cross_entropy(inputs: LossInputs, label_smoothing: float = 0.0) -> LossOutpu
         metrics={"nll": nll_value, "perplexity": math.exp(min(nll_value, 700.0))},
         num_tokens=token_count(mask),
     )
+
+
+SPEC = LossSpec(
+    name="cross_entropy",
+    field="cross_entropy",
+    fn=cross_entropy,
+    params=(Param("label_smoothing", 0.0, FRACTION),),
+    model=CAUSAL_LM,
+    statistics=(Statistic("mean_logprobs", when="label_smoothing"),),
+)

@@ -38,6 +38,7 @@ from alignd_server.trainer.losses.base import (
     sequence_logps,
     split_pairs,
 )
+from alignd_server.trainer.losses.spec import BELOW_HALF, CAUSAL_LM, POSITIVE, LossSpec, Param
 
 DpoVariant = Literal["sigmoid", "ipo", "hinge", "robust"]
 VARIANTS: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust")
@@ -114,3 +115,18 @@ def _pair_losses(h: torch.Tensor, variant: str, beta: float, eps: float) -> torc
     if variant == "hinge":
         return torch.relu(1 - beta * h)
     return (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+
+
+SPEC = LossSpec(
+    name="dpo",
+    field="dpo",
+    fn=dpo,
+    params=(
+        Param("variant", "sigmoid", choices=VARIANTS),
+        Param("beta", 0.1, POSITIVE),
+        Param("label_smoothing", 0.0, BELOW_HALF),
+    ),
+    model=CAUSAL_LM,
+    sequence_inputs=("ref_logps",),
+    shard="pairs",
+)

@@ -28,6 +28,7 @@ from alignd_server.trainer.losses.base import (
     require_sequence_input,
     sequence_logps,
 )
+from alignd_server.trainer.losses.spec import CAUSAL_LM, POSITIVE, LossSpec, Param
 
 
 def kto(
@@ -93,3 +94,18 @@ def kto(
 
 def _mean_or_zero(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else 0.0
+
+
+SPEC = LossSpec(
+    name="kto",
+    field="kto",
+    fn=kto,
+    params=(
+        Param("beta", 0.1, POSITIVE),
+        Param("desirable_weight", 1.0, POSITIVE),
+        Param("undesirable_weight", 1.0, POSITIVE),
+    ),
+    model=CAUSAL_LM,
+    sequence_inputs=("ref_logps", "labels", "kl_rows"),
+    replicated="kl_rows",
+)

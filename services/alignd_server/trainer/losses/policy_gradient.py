@@ -31,8 +31,10 @@ from alignd_server.trainer.losses.base import (
     require_token_input,
     token_count,
 )
+from alignd_server.trainer.losses.spec import CAUSAL_LM, CLIP, COEFFICIENT, LossSpec, Param
 
 Aggregation = Literal["token_mean", "sequence_mean"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "sequence_mean")
 
 
 def policy_gradient(
@@ -60,7 +62,7 @@ def policy_gradient(
         LossError: a needed input is missing or malformed, or advantages are not finite.
         ValueError: an unknown aggregation.
     """
-    if aggregation not in ("token_mean", "sequence_mean"):
+    if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be token_mean or sequence_mean, got {aggregation!r}")
     logprobs, mask = require_policy(inputs)  # (B, T), (B, T)
     advantages = require_token_input(inputs, "advantages", mask, finite=True)  # (B, T)
@@ -106,3 +108,18 @@ def _reduce(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tens
         return masked_mean(x, mask)
     rows = mask.bool().any(-1)  # (B,)
     return masked_mean(x, mask, dim=-1)[rows].mean()
+
+
+SPEC = LossSpec(
+    name="policy_gradient",
+    field="policy_gradient",
+    fn=policy_gradient,
+    params=(
+        Param("aggregation", "token_mean", choices=AGGREGATIONS),
+        Param("clip_range", None, CLIP),
+        Param("kl_coef", 0.0, COEFFICIENT),
+    ),
+    model=CAUSAL_LM,
+    token_inputs=("advantages", "old_logprobs", "ref_logprobs"),
+    temperature=True,
+)

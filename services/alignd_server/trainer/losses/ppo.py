@@ -27,6 +27,15 @@ from alignd_server.trainer.losses.base import (
     require_token_input,
     token_count,
 )
+from alignd_server.trainer.losses.spec import (
+    CLIP,
+    COEFFICIENT,
+    POSITIVE,
+    VALUE_MODEL,
+    LossSpec,
+    Param,
+    Statistic,
+)
 
 
 def ppo(
@@ -95,3 +104,20 @@ def ppo(
             value_clip_fraction=float(masked_mean((vf_clipped > vf_unclipped).to(ratio), mask)),
         )
     return LossOutput(loss=loss, metrics=metrics, num_tokens=token_count(mask))
+
+
+SPEC = LossSpec(
+    name="ppo",
+    field="ppo",
+    fn=ppo,
+    params=(
+        Param("clip_range", 0.2, CLIP),
+        Param("value_clip_range", 0.2, POSITIVE),
+        Param("vf_coef", 0.1, COEFFICIENT),
+        Param("entropy_coef", 0.0, COEFFICIENT),
+    ),
+    model=VALUE_MODEL,
+    statistics=(Statistic("values"), Statistic("entropy", when="entropy_coef")),
+    token_inputs=("old_logprobs", "advantages", "returns", "old_values"),
+    temperature=True,
+)
