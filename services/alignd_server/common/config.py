@@ -146,6 +146,11 @@ class ModelServerSettings(ServerSettings):
     """Most tokens in one sequence (prompt plus completion); lowered at start to the model's
     position limit (``max_position_embeddings``) when that is smaller. Texts longer than
     ``TEXT_BYTES_PER_TOKEN`` (32) bytes per allowed token are refused before tokenization."""
+
+
+class BatchingServerSettings(ModelServerSettings):
+    """Settings of a service that batches items across requests (reward, reference)."""
+
     max_queue_size: int = Field(1024, ge=1)
     """Most items waiting for the model before new requests get RESOURCE_EXHAUSTED."""
     max_batch_tokens: int = Field(16384, ge=1)

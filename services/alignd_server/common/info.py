@@ -43,7 +43,7 @@ def limits(settings: ServerSettings, **extra: int) -> pb.Limits:
         fields.update(
             max_batch_size=settings.max_batch_size,
             max_sequence_length=settings.max_sequence_length,
-            max_queue_size=settings.max_queue_size,
+            max_queue_size=getattr(settings, "max_queue_size", 0),  # 0: the service has none
             max_text_bytes=max_text_bytes(settings.max_sequence_length),
         )
     fields.update(extra)

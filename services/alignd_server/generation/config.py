@@ -21,6 +21,9 @@ class GenerationSettings(StorageServerSettings):
     """Generation engine: ``hf`` (transformers generate, embedded default) or ``vllm``."""
     max_new_tokens: int = Field(1024, ge=1)
     """Most tokens generated per completion."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Most rows (prompts x n) waiting for or in generation before new requests get
+    RESOURCE_EXHAUSTED (refused before their prompts are tokenized)."""
     max_request_tokens: int = Field(65536, ge=1)
     """Most tokens one Generate request may hold in the KV cache: the sum over its rows
     (prompts x n) of prompt tokens + max_new_tokens."""

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from grpc import aio
 
 from alignd.clients.generation import ACCEPTED_KEY
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from alignd_server.common.errors import Aborted, InvalidArgument
+from alignd_server.common.errors import Aborted, InvalidArgument, ResourceExhausted
 from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
@@ -63,6 +64,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.engine: HFEngine | None = None
         self.roots = StorageRoots(settings.storage_root)
         self._updating = asyncio.Lock()
+        self._queued_rows = 0  # rows (prompts x n) of the requests in generation or waiting
 
     def register(self, server: aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
@@ -121,6 +123,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.batch_size.observe(sum(len(group) for group in outputs))
         self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
 
+    @contextlib.contextmanager
+    def _queued(self, rows: int) -> Iterator[None]:
+        """Counts ``rows`` against max_queue_size while a request waits or generates."""
+        limit = self.settings.max_queue_size
+        if self._queued_rows + rows > limit:
+            raise ResourceExhausted(
+                f"{self._queued_rows} rows queued, limit max_queue_size {limit}; retry later"
+            )
+        self._queued_rows += rows
+        try:
+            yield
+        finally:
+            self._queued_rows -= rows
+
     def _check_work(self, prompts: list, sampling: Sampling, field: str) -> None:
         """The request's rows (prompts x n) must fit max_request_tokens in the KV cache."""
         total = sampling.n * sum(len(p) + sampling.max_new_tokens for p in prompts)
@@ -144,13 +160,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         sampling = self._sampling(request.params)
         self._check_work([()] * count, sampling, "prompts")  # before tokenizing anything
-        prompts = await asyncio.to_thread(self._prompts, request.prompts, sampling)
-        self._check_work(prompts, sampling, "prompts")
-        start = time.perf_counter()
-        first: list[float] = []
-        outputs, version = await engine.generate(
-            prompts, sampling, lambda *_: first or first.append(time.perf_counter())
-        )
+        with self._queued(count * sampling.n):
+            prompts = await asyncio.to_thread(self._prompts, request.prompts, sampling)
+            self._check_work(prompts, sampling, "prompts")
+            start = time.perf_counter()
+            first: list[float] = []
+            outputs, version = await engine.generate(
+                prompts, sampling, lambda *_: first or first.append(time.perf_counter())
+            )
         if first:
             self.metrics.first_token.observe(first[0] - start)
         self._record(outputs, prompts, start)
@@ -171,7 +188,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         engine = self._engine()
         sampling = self._sampling(request.params)
         self._check_work([()], sampling, "prompt")
-        (prompt,) = await asyncio.to_thread(self._prompts, [request.prompt], sampling, "prompt")
+        with self._queued(sampling.n):
+            async with contextlib.aclosing(self._stream(engine, request.prompt, sampling)) as s:
+                async for message in s:
+                    yield message
+
+    async def _stream(
+        self, engine, prompt_message, sampling: Sampling
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        (prompt,) = await asyncio.to_thread(self._prompts, [prompt_message], sampling, "prompt")
         self._check_work([prompt], sampling, "prompt")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import BatchingServerSettings
 
 
-class ReferenceSettings(ModelServerSettings):
+class ReferenceSettings(BatchingServerSettings):
     """Reference service settings."""
 
     port: int = Field(50053, ge=0, le=65535)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import BatchingServerSettings
 from alignd_server.common.forward import completion_logprobs, pad_right
 from alignd_server.common.models import LoadedModel
 
@@ -17,7 +17,7 @@ class LogprobEngine:
     """Computes log pi_ref of completion tokens for batches gathered across requests."""
 
     def __init__(
-        self, loaded: LoadedModel, settings: ModelServerSettings, metrics: BatcherMetrics
+        self, loaded: LoadedModel, settings: BatchingServerSettings, metrics: BatcherMetrics
     ) -> None:
         self.loaded = loaded
         embeddings = loaded.model.get_input_embeddings().num_embeddings

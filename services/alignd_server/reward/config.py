@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import BatchingServerSettings
 
 
-class RewardSettings(ModelServerSettings):
+class RewardSettings(BatchingServerSettings):
     """Reward service settings."""
 
     port: int = Field(50052, ge=0, le=65535)

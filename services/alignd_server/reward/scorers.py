@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from alignd.models import resolve_model
 from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
-from alignd_server.common.config import ModelServerSettings
+from alignd_server.common.config import BatchingServerSettings
 from alignd_server.common.errors import InvalidArgument
 from alignd_server.common.forward import pad_right, sequence_scores
 from alignd_server.common.models import LoadedModel, load_sequence_classifier
@@ -89,7 +89,7 @@ class Scorer(Protocol):
         """Stops the batcher."""
 
 
-def _batcher(name: str, run, settings: ModelServerSettings, metrics, tokens: bool):
+def _batcher(name: str, run, settings: BatchingServerSettings, metrics, tokens: bool):
     return DynamicBatcher(
         f"reward:{name}",
         run,
@@ -107,7 +107,7 @@ class ModelScorer:
     kind = "model"
 
     def __init__(
-        self, name: str, loaded: LoadedModel, settings: ModelServerSettings, metrics
+        self, name: str, loaded: LoadedModel, settings: BatchingServerSettings, metrics
     ) -> None:
         self.name = name
         self.loaded = loaded
@@ -168,7 +168,7 @@ class FunctionScorer:
 
     kind = "function"
 
-    def __init__(self, name: str, spec: str, settings: ModelServerSettings, metrics) -> None:
+    def __init__(self, name: str, spec: str, settings: BatchingServerSettings, metrics) -> None:
         self.name = name
         self.function = spec
         self.max_length = settings.max_sequence_length

@@ -234,3 +234,47 @@ async def test_rejected_updates_report_their_own_status_under_concurrency(server
     assert "INTERNAL" not in results and "UNKNOWN" not in results
     assert set(results[:4]) <= {"INVALID_ARGUMENT", "ABORTED"}  # version 0 never lands
     assert "OK" in results[4:] and set(results[4:]) <= {"OK", "ABORTED", "INVALID_ARGUMENT"}
+
+
+async def test_the_queue_limit_is_enforced_before_tokenizing(serve, monkeypatch):
+    import threading
+
+    from alignd.errors import ResourceExhaustedError
+    from alignd_server.generation.hf_engine import HFEngine
+
+    entered, gate = threading.Event(), threading.Event()
+    original = HFEngine._generate
+
+    def gated(self, *args):
+        entered.set()
+        gate.wait(30)
+        return original(self, *args)
+
+    monkeypatch.setattr(HFEngine, "_generate", gated)
+    server = serve("generation", engine="hf", max_queue_size=2)
+    params = SamplingParams(max_new_tokens=2, n=2)
+    try:
+        async with AsyncGenerationClient(server.target, retries=1) as client:
+            assert (await client.info()).server.limits.max_queue_size == 2
+            first = asyncio.ensure_future(client.generate(["hi"], params))  # 2 rows
+            assert await asyncio.to_thread(entered.wait, 30)
+            with pytest.raises(ResourceExhaustedError, match="limit max_queue_size 2"):
+                await client.generate(["x" * 60000], SamplingParams(max_new_tokens=2))
+            gate.set()
+            assert len((await first)[0]) == 2
+            assert await client.generate(["hi"], params)  # the rows were counted off again
+    finally:
+        gate.set()
+
+
+def test_settings_a_service_does_not_use_are_refused():
+    from pydantic import ValidationError
+
+    from alignd_server.generation.config import GenerationSettings
+    from alignd_server.trainer.config import TrainerSettings
+
+    for cls, name in [(GenerationSettings, "max_wait_ms"), (GenerationSettings,
+                      "max_batch_tokens"), (TrainerSettings, "max_queue_size"),
+                      (TrainerSettings, "max_wait_ms")]:  # fmt: skip
+        with pytest.raises(ValidationError, match=name):
+            cls(**{name: 5})
