@@ -81,8 +81,19 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from alignd.jobs import ConfigError, JobFailed, RunDirectoryError, load_job_config, make_job
+    from alignd.jobs.config import describe_config
     from alignd.platform import Platform, PlatformConfigError, default_directory
 
+    if args.help_config:
+        try:
+            print(describe_config(args.help_config))
+        except ConfigError as err:
+            print(f"alignd run: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.config:
+        print("alignd run: a job config is needed (or --help-config KIND)", file=sys.stderr)
+        return 2
     try:
         config = load_job_config(args.config)
         if args.platform:
@@ -313,7 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     run = commands.add_parser("run", help="run a job config (sft, reward_model, dpo, ppo, grpo)")
-    run.add_argument("config", help="job YAML")
+    run.add_argument("config", nargs="?", help="job YAML")
+    run.add_argument(
+        "--help-config",
+        metavar="KIND",
+        default=None,
+        help="print every field of a job kind's config (type, default, meaning) and exit",
+    )
     run.add_argument("--resume", action="store_true", help="continue the run in its run_dir")
     source = run.add_mutually_exclusive_group()
     source.add_argument("--platform", default=None, help="platform YAML (services, tls, token)")

@@ -181,7 +181,9 @@ def _run(title: str, config, platform) -> list[dict]:
 
 def _evaluate(name: str, platform, prompts, options: dict):
     print(f"== evaluating {name} on {len(prompts)} held-out prompts")
-    return evaluate_policy(name, platform, prompts, oracle, **options)
+    return evaluate_policy(
+        name, platform.generation, platform.reward, platform.reference, prompts, oracle, **options
+    )
 
 
 def _summary(rows: dict, reports: dict) -> dict:

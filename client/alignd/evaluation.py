@@ -42,50 +42,63 @@ class PolicyReport:
     """What a policy does on the held-out prompts."""
 
     name: str
-    oracle: Estimate
+    oracle: Estimate | None
+    """Scores by a programmatic oracle, when one was given."""
     reward: Estimate
     kl: Estimate
     length: Estimate
     examples: list[tuple[str, str, float]]
-    """A few (prompt, completion, oracle score) samples."""
+    """A few (prompt, completion, oracle score, or reward without an oracle) samples."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Each estimate's mean and standard error, e.g. ``eval/reward``, ``eval/reward_se``."""
+        out: dict[str, float] = {}
+        for name in ("oracle", "reward", "kl", "length"):
+            estimate = getattr(self, name)
+            if estimate is not None:
+                out[f"{prefix}{name}"], out[f"{prefix}{name}_se"] = estimate.mean, estimate.se
+        return out
+
 
 def evaluate_policy(
     name: str,
-    platform,
+    generation,
+    reward,
+    reference,
     prompts: Sequence,
-    oracle: Callable[[str], float],
+    oracle: Callable[[str], float] | None = None,
     *,
     samples: int = 2,
     max_new_tokens: int = 32,
     seed: int = 1234,
     scorer: str | None = None,
 ) -> PolicyReport:
-    """Samples ``samples`` completions per prompt at temperature 1 from the generation service
-    (which must serve the policy) and measures them.
+    """Samples ``samples`` completions per prompt at temperature 1 from ``generation`` (which
+    must serve the policy) and measures them: the ``reward`` service's score (``scorer``),
+    KL to the ``reference`` service's model, length, and ``oracle`` (when given).
 
     KL(π ‖ π_ref) is estimated per completion as Σ_t (log π − log π_ref) over its tokens (k1,
     unbiased for samples drawn from π at temperature 1): π's log-probabilities come with the
     samples, π_ref's from the reference service.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=samples, seed=seed)
-    results = platform.generation.generate(list(prompts), params)
+    results = generation.generate(list(prompts), params)
     flat = [(p, c) for p, group in zip(prompts, results, strict=True) for c in group]
     texts = [c.text for _, c in flat]
     rows = [np.concatenate([c.prompt_token_ids, c.token_ids]) for _, c in flat]
-    ref = platform.reference.logprobs(rows, [len(c.prompt_token_ids) for _, c in flat])
+    ref = reference.logprobs(rows, [len(c.prompt_token_ids) for _, c in flat])
     kl = [float(c.logprobs.sum() - r.sum()) for (_, c), r in zip(flat, ref, strict=True)]
-    rewards = platform.reward.score([p for p, _ in flat], texts, scorer=scorer)
-    oracle_scores = [oracle(t) for t in texts]
-    examples = [
-        (_prompt_text(flat[i][0]), texts[i], oracle_scores[i]) for i in range(min(6, len(flat)))
-    ]
+    rewards = reward.score([p for p, _ in flat], texts, scorer=scorer)
+    oracle_scores = [oracle(t) for t in texts] if oracle is not None else None
+    shown = oracle_scores if oracle_scores is not None else [float(r) for r in rewards]
+    examples = [(_prompt_text(flat[i][0]), texts[i], shown[i]) for i in range(min(6, len(flat)))]
     return PolicyReport(
-        name, Estimate.of(oracle_scores), Estimate.of(rewards), Estimate.of(kl),
-        Estimate.of([len(c.token_ids) for _, c in flat]), examples,
+        name, Estimate.of(oracle_scores) if oracle_scores is not None else None,
+        Estimate.of(rewards), Estimate.of(kl), Estimate.of([len(c.token_ids) for _, c in flat]),
+        examples,
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Strict):
@@ -48,28 +48,41 @@ class LoraOptions(_Strict):
     """Low-rank adapters (see ``alignd.clients.trainer.LoraConfig``)."""
 
     r: int = Field(8, ge=1)
+    """Rank of each adapter (A is r x in, B is out x r)."""
     alpha: float | None = Field(None, gt=0)
+    """Scale α of the adapters' output (α / r · B A x); unset = 2r."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training."""
     target_modules: list[str] = Field(default_factory=list)
+    """Module names to adapt; empty = every linear layer of the blocks."""
 
 
 class OptimConfig(_Strict):
     """The trainer's optimizer and schedule."""
 
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(1e-5, gt=0, le=1)
+    """Peak learning rate of AdamW."""
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+    """AdamW's β1, β2, each in [0, 1)."""
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    """Decoupled weight decay."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warmup, down to 0 at the run's last optimizer step."""
     warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup."""
     max_grad_norm: float | None = Field(1.0, ge=0)
+    """Clip the global gradient norm to this; unset or 0 = no clipping."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
     lora: LoraOptions | None = None
+    """Train low-rank adapters instead of every weight; unset = full fine-tuning."""
 
 
 class JobConfig(_Strict):
     """What every job shares."""
 
     kind: str
+    """The job: ``sft``, ``reward_model``, ``dpo``, ``ppo`` or ``grpo``."""
     name: str = ""
     """A label for logs and the report; default: the kind."""
     run_dir: Path = Path("runs/job")
@@ -77,7 +90,9 @@ class JobConfig(_Strict):
     model: str = ""
     """The model the trainer starts from (path or bundled name; empty = the trainer's)."""
     data: DataConfig
+    """The dataset."""
     seed: int = 0
+    """Seed of data order, sampling and fresh weights; a run is a function of it."""
     max_length: int = Field(256, ge=2)
     """Most tokens per sequence (prompt + completion)."""
     batch_size: int = Field(8, ge=1)
@@ -87,11 +102,14 @@ class JobConfig(_Strict):
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (fractions allowed); ``max_steps`` caps it."""
     max_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (online jobs: rounds); unset = as ``epochs`` / ``rounds``
+    say."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0: at the end only)."""
     save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: at the end only)."""
     optim: OptimConfig = OptimConfig()
+    """The trainer's optimizer and schedule."""
     retry_seconds: float = Field(300.0, ge=0)
     """How long a call to a restarting service is retried (with backoff) before failing."""
     trainer_timeout_s: float = Field(1800.0, gt=0)
@@ -118,74 +136,135 @@ class SFTConfig(JobConfig):
     """Supervised fine-tuning: masked-prompt cross-entropy on (prompt, response)."""
 
     kind: Literal["sft"] = "sft"
+    """Supervised fine-tuning."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy, in [0, 1)."""
 
 
 class RewardModelConfig(JobConfig):
     """A reward model: Bradley–Terry on preference pairs, scored by a sequence classifier."""
 
     kind: Literal["reward_model"] = "reward_model"
+    """A Bradley–Terry reward model."""
     model: str = "minilm-l6"
+    """The backbone the classifier starts from (a fresh scalar head is added if it has none)."""
     center_rewards_coefficient: float = Field(0.0, ge=0)
+    """Weight of the (r_chosen + r_rejected)² penalty that keeps rewards centred at 0
+    (Eisenstein et al. 2023; TRL's ``center_rewards_coefficient``)."""
 
 
 class DPOConfig(JobConfig):
     """Direct preference optimisation against reference log-probs cached in the run dir."""
 
     kind: Literal["dpo"] = "dpo"
+    """Direct preference optimisation."""
     variant: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """The DPO-family objective (see the trainer's ``dpo`` loss)."""
     beta: float = Field(0.1, gt=0)
+    """Temperature β of the implicit reward."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Label smoothing ε (conservative DPO for ``sigmoid``; ``robust`` uses it too)."""
 
 
 class RolloutConfig(_Strict):
     """How completions are sampled from the generation service."""
 
     prompts_per_round: int = Field(16, ge=1)
+    """Prompts sampled each round."""
     max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    """Most tokens of each completion."""
+    temperature: float = Field(1.0, ge=0.01, le=100)
+    """Sampling temperature; the policy's log-probs are computed at the same one."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling's probability mass."""
     scorer: str = ""
     """The reward service's scorer; empty = its default."""
 
 
-class PPOConfig(JobConfig):
+class _OnlineConfig(JobConfig):
+    """What the online jobs (PPO, GRPO/RLOO) share: rounds of sampling and training."""
+
+    epochs: float | None = None
+    """Not used by online jobs (refused when set): they run ``rounds`` rounds, capped by
+    ``max_steps``, each with ``ppo_epochs`` / ``epochs_per_round`` passes over its samples."""
+    eval_samples: int = Field(1, ge=1)
+    """Completions sampled per held-out prompt when evaluating (``eval_every``): the reward
+    service's score, KL to the reference and length, each with its standard error."""
+
+    @model_validator(mode="after")
+    def _no_epochs(self) -> _OnlineConfig:
+        if "epochs" in self.model_fields_set:
+            raise ValueError(
+                "epochs does not apply to online jobs: they run `rounds` rounds (capped by "
+                "max_steps), each with ppo_epochs / epochs_per_round passes over its samples"
+            )
+        return self
+
+
+class PPOConfig(_OnlineConfig):
     """PPO with a value head, per-token KL penalty and GAE (Ouyang et al. 2022's recipe)."""
 
     kind: Literal["ppo"] = "ppo"
+    """Proximal policy optimisation with a value head."""
     rounds: int = Field(20, ge=1)
+    """Rounds of sample → score → train → push (one step each)."""
     rollout: RolloutConfig = RolloutConfig()
+    """How each round samples."""
     ppo_epochs: int = Field(2, ge=1)
+    """Passes over a round's samples, in minibatches of ``batch_size`` rows."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """Discount γ of GAE."""
     lam: float = Field(0.95, ge=0, le=1)
+    """λ of GAE."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator of the penalty (Schulman 2020)."""
     kl_coef: float = Field(0.05, ge=0)
+    """β of the per-token KL penalty (the start value when ``adaptive_kl``)."""
     adaptive_kl: bool = False
+    """Adapt β towards ``target_kl`` (Ziegler et al. 2019)."""
     target_kl: float = Field(6.0, gt=0)
+    """The sequence KL the adaptive controller aims for."""
     kl_horizon: int = Field(10000, ge=1)
+    """Samples over which the adaptive controller closes the gap."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of completions that did not end with EOS."""
     reward_clip: float | None = Field(None, gt=0)
+    """Clip scores to ±this; unset = no clipping."""
     whiten_rewards: bool = False
-    clip_range: float = Field(0.2, gt=0)
+    """Whiten the per-token rewards over the round."""
+    clip_range: float = Field(0.2, gt=0, le=10)
+    """ε of the clipped policy ratio."""
     value_clip_range: float = Field(0.2, gt=0)
+    """ε_v: how far the value may move from its rollout value."""
     vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
     entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus."""
 
 
-class GRPOConfig(JobConfig):
+class GRPOConfig(_OnlineConfig):
     """Critic-free policy gradient with group baselines: GRPO or RLOO."""
 
     kind: Literal["grpo"] = "grpo"
+    """Group-baseline policy gradient (GRPO or RLOO)."""
     rounds: int = Field(20, ge=1)
+    """Rounds of sample → score → train → push (one step each)."""
     rollout: RolloutConfig = RolloutConfig(prompts_per_round=4)
+    """How each round samples."""
     group_size: int = Field(4, ge=2)
+    """Completions sampled per prompt (the group)."""
     baseline: Literal["grpo", "rloo"] = "grpo"
+    """``grpo``: (r − group mean) / group std; ``rloo``: r − mean of the group's others."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO's divisor: the group's std, the round's, or none (Dr. GRPO)."""
     epochs_per_round: int = Field(1, ge=1)
+    """Passes over a round's samples."""
     kl_coef: float = Field(0.0, ge=0)
-    clip_range: float | None = Field(0.2, gt=0)
+    """β of the k3 KL-to-reference term of the loss."""
+    clip_range: float | None = Field(0.2, gt=0, le=10)
+    """ε of the clipped ratio; unset = plain REINFORCE."""
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """How token losses reduce: over all tokens, or per sequence then over sequences."""
 
 
 AnyJobConfig = Annotated[
@@ -243,3 +322,55 @@ def load_job_config(path: str | Path, overrides: dict[str, Any] | None = None) -
                         data = {**data, key: str(candidate)}
             document["data"] = data
     return parse_job_config(document, str(path))
+
+
+CONFIGS: dict[str, type[JobConfig]] = {
+    "sft": SFTConfig,
+    "reward_model": RewardModelConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+}
+
+
+def describe_config(kind: str) -> str:
+    """Every field of the job config of ``kind`` (nested sections as ``section.field``), with
+    its type, its default and its docstring: what ``alignd run --help-config KIND`` prints.
+
+    Raises:
+        ConfigError: an unknown kind.
+    """
+    if kind not in CONFIGS:
+        raise ConfigError(f"unknown job kind {kind!r}; choose from {', '.join(CONFIGS)}")
+    cls = CONFIGS[kind]
+    lines = [f"{kind}: {(cls.__doc__ or '').strip()}", ""]
+    lines += _describe_fields(cls, "")
+    return "\n".join(lines)
+
+
+def _describe_fields(cls: type[BaseModel], prefix: str) -> list[str]:
+    lines = []
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel)\
+            else next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)
+                       and issubclass(a, BaseModel)), None)  # fmt: skip
+        default = "required" if field.is_required() else f"default {_default(field)}"
+        lines.append(f"{prefix}{name} ({_type_name(annotation)}, {default})")
+        lines.append(f"    {' '.join((field.description or '').split())}")
+        if nested is not None:
+            lines += _describe_fields(nested, f"{prefix}{name}.")
+    return lines
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("pathlib.", "")
+
+
+def _default(field) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "as below"
+    return str(value) if isinstance(value, Path) else repr(value)

@@ -18,6 +18,7 @@ from alignd import algorithms as alg
 from alignd import losses
 from alignd.clients.generation import SamplingParams
 from alignd.clients.trainer import TrainBatch
+from alignd.evaluation import evaluate_policy
 from alignd.jobs.base import Job
 from alignd.jobs.batches import chunks, load_split
 
@@ -47,22 +48,48 @@ class Rollout:
 
 
 class _Online(Job):
-    """Rounds of generate → score → reference → train → push."""
+    """Rounds of generate → score → reference → train → push; held-out prompts evaluated every
+    ``eval_every`` rounds and after the last."""
 
     def setup(self) -> None:
         c = self.config
         self.prompts, self.held = load_split(c.data, "prompt", c.seed)
-        self.total_steps = c.rounds
+        self.total_steps = self.rounds
         self.version = 0
 
     group = 1
     """Completions sampled per prompt."""
 
+    @property
+    def rounds(self) -> int:
+        """The rounds this run takes: ``rounds``, capped by ``max_steps``."""
+        c = self.config
+        return min(c.rounds, c.max_steps) if c.max_steps else c.rounds
+
     def optimizer_steps(self) -> int:
         """Rounds × epochs × minibatches of ``batch_size`` rows per round."""
         c = self.config
         rows = c.rollout.prompts_per_round * self.group
-        return c.rounds * self.epochs * -(-rows // c.batch_size)
+        return self.rounds * self.epochs * -(-rows // c.batch_size)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The policy now serving, on the held-out prompts: reward-service score, KL to the
+        reference model and length, each with its standard error (``eval/…``, ``eval/…_se``),
+        from ``eval_samples`` completions per prompt at temperature 1, seeded by the step."""
+        if not self.held:
+            return {}
+        c = self.config
+        report = evaluate_policy(
+            c.name or self.kind, self.service("generation"), self.service("reward"),
+            self.service("reference"), [p.prompt for p in self.held], samples=c.eval_samples,
+            max_new_tokens=c.rollout.max_new_tokens, seed=self.eval_seed(step),
+            scorer=c.rollout.scorer or None,
+        )  # fmt: skip
+        return report.metrics()
+
+    def eval_seed(self, step: int) -> int:
+        """The sampling seed of the evaluation after ``step`` (the same on a resumed run)."""
+        return self.rng(-(step + 1_000_000)).randrange(2**31)
 
     def prepare(self) -> None:
         """Weights versions of this run start above whatever the replicas serve now (kept in

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from alignd import Platform
+from alignd import Platform, RewardClient
+from alignd.data import load_examples
 from alignd.jobs import (
     DPOConfig,
     GRPOConfig,
@@ -79,15 +80,23 @@ def test_a_resumed_sft_job_repeats_the_steps_it_lost(platform, tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
-def test_reward_model_job_reports_held_out_accuracy(platform, tiny_models, tmp_path):
+def test_reward_model_job_reports_held_out_accuracy(platform, serve, tiny_models, tmp_path):
     config = RewardModelConfig(
         model=str(tiny_models.classifier), data={"path": TASK.preferences_train, "limit": 48,
         "eval_path": TASK.preferences_eval}, max_steps=8, **common(tmp_path, "rm"),
     )  # fmt: skip
     rows = run(config, platform)
-    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
     assert {"accuracy", "margin", "loss"} <= rows[-1].keys()
-    assert (tmp_path / "rm" / "checkpoints" / "final" / "config.json").is_file()
+    final = tmp_path / "rm" / "checkpoints" / "final"
+    # The reported accuracy and margin are what the saved model gives the held-out pairs when
+    # the reward service serves it: P(chosen > rejected) > 0.5 counts as right.
+    pairs = load_examples(TASK.preferences_eval, "preference")
+    with RewardClient(serve("reward", model=str(final)).target) as reward:
+        chosen = reward.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = reward.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    margin = chosen.astype(np.float64) - rejected
+    assert rows[-1]["eval/accuracy"] == pytest.approx(float((margin > 0).mean()))
+    assert rows[-1]["eval/margin"] == pytest.approx(float(margin.mean()), abs=1e-5)
 
 
 def test_dpo_job_caches_reference_logprobs(platform, tmp_path):
@@ -115,18 +124,83 @@ def test_ppo_job_rounds_push_weights_to_generation(platform, tmp_path):
     job = make_job(config.model_copy(update={"run_dir": tmp_path / "ppo2"}), platform)
     assert job.optimizer_steps() == 2 * 2 * 1  # rounds × ppo_epochs × minibatches of 4 rows
     assert platform.trainer.state().step == job.optimizer_steps()
-    assert json.loads((tmp_path / "ppo" / "state.json").read_text())["kl_coef"] > 0
+    # Adaptive KL (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) after
+    # each round of n = 4 samples, from β = 0.05, target 6, horizon 10000.
+    beta = 0.05
+    for row in rows:
+        assert row["kl_coef"] == pytest.approx(beta, rel=1e-12)
+        beta *= 1 + float(np.clip(row["kl"] / 6.0 - 1, -0.2, 0.2)) * 4 / 10000
+    state = json.loads((tmp_path / "ppo" / "state.json").read_text())
+    assert state["kl_coef"] == pytest.approx(beta, rel=1e-12) and beta != 0.05
 
 
 @pytest.mark.parametrize("baseline", ["grpo", "rloo"])
-def test_grpo_and_rloo_jobs_use_group_baselines(platform, tmp_path, baseline):
+def test_grpo_and_rloo_jobs_use_group_baselines(platform, tmp_path, baseline, monkeypatch):
+    from alignd.jobs.online import GRPOJob
+
+    seen = []  # (rollout scores, the advantages the loss got) of each round
+    original = GRPOJob._train
+
+    def recording(self, step, rollout, loss, epochs, **inputs):
+        seen.append((rollout.scores.copy(), inputs["advantages"][:, 0].copy(), inputs))
+        return original(self, step, rollout, loss, epochs, **inputs)
+
+    monkeypatch.setattr(GRPOJob, "_train", recording)
     config = GRPOConfig(
         data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=1,
         rollout={"prompts_per_round": 2, "max_new_tokens": 8, "scorer": "oracle"},
         group_size=4, baseline=baseline, kl_coef=0.05, **common(tmp_path, baseline),
     )  # fmt: skip
     rows = run(config, platform)
-    assert rows[0]["step"] == 1 and "loss" in rows[0] and "reward" in rows[0]
+    ((scores, advantages, inputs),) = seen
+    groups = scores.reshape(2, 4)  # 2 prompts x 4 samples, consecutive
+    if baseline == "grpo":  # (r - mean) / (std + 1e-4), std Bessel-corrected, per group
+        expected = (groups - groups.mean(1, keepdims=True)) / (
+            groups.std(1, ddof=1, keepdims=True) + 1e-4
+        )
+    else:  # r_i - mean of the other three
+        expected = groups - (groups.sum(1, keepdims=True) - groups) / 3
+    np.testing.assert_allclose(advantages, expected.reshape(-1), rtol=1e-6, atol=1e-9)
+    assert {"old_logprobs", "ref_logprobs"} <= inputs.keys()  # clipping on, kl_coef > 0
+    assert rows[0]["reward"] == pytest.approx(scores.mean())
+    assert rows[0]["kl"] >= 0  # k3 is never negative
+
+
+def test_online_rounds_are_capped_by_max_steps_and_evaluated_on_held_out_prompts(
+    platform, tmp_path
+):
+    from alignd.evaluation import evaluate_policy
+
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=3, max_steps=2,
+        eval_every=1, eval_samples=2, rollout={"prompts_per_round": 4, "max_new_tokens": 6,
+        "scorer": "oracle"}, **common(tmp_path, "ppo-eval"),
+    )  # fmt: skip
+    job = make_job(config, platform, progress=False)
+    rows = job.run_to_end()
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert {"eval/reward", "eval/reward_se", "eval/kl", "eval/kl_se", "eval/length",
+                "eval/length_se"} <= row.keys()  # fmt: skip
+    # The last evaluation is what the final policy (still serving) gives on the held-out
+    # prompts with the same seed.
+    held = [p.prompt for p in job.held]
+    report = evaluate_policy(
+        "ppo", platform.generation, platform.reward, platform.reference, held, samples=2,
+        max_new_tokens=6, seed=job.eval_seed(2), scorer="oracle",
+    )  # fmt: skip
+    assert report.reward.n == 2 * len(held) == 8
+    assert rows[-1]["eval/reward"] == pytest.approx(report.reward.mean, abs=1e-6)
+    assert rows[-1]["eval/length"] == report.length.mean
+    assert rows[-1]["eval/kl"] == pytest.approx(report.kl.mean, abs=1e-4)
+
+
+def test_online_configs_refuse_epochs():
+    from alignd.jobs import ConfigError, parse_job_config
+
+    document = {"kind": "grpo", "data": {"path": "p.jsonl"}, "epochs": 2}
+    with pytest.raises(ConfigError, match="epochs does not apply to online jobs"):
+        parse_job_config(document)
 
 
 def test_trainer_calls_get_the_jobs_deadline_not_the_platforms(serve, tmp_path, monkeypatch):
@@ -192,3 +266,28 @@ def test_a_failed_job_says_what_failed_and_the_command_that_resumes_it(
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert len(calls) == 4  # the resumed run repeated step 3 only
+
+
+def test_every_job_config_field_is_documented_and_printed_by_help_config(capsys):
+    from pydantic import BaseModel
+
+    from alignd.cli import main
+    from alignd.jobs.config import CONFIGS
+
+    def fields(cls, prefix=""):
+        for name, field in cls.model_fields.items():
+            yield f"{prefix}{name}", field
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    yield from fields(arg, f"{prefix}{name}.")
+
+    for kind, cls in CONFIGS.items():
+        undocumented = [name for name, field in fields(cls) if not field.description]
+        assert not undocumented, (kind, undocumented)
+        assert main(["run", "--help-config", kind]) == 0
+        printed = capsys.readouterr().out
+        for name, field in fields(cls):
+            assert f"\n{name} (" in printed, (kind, name)
+            assert " ".join(field.description.split())[:40] in printed
+    assert main(["run", "--help-config", "kto"]) == 2
+    assert "unknown job kind 'kto'" in capsys.readouterr().err
