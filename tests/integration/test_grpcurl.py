@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,10 +102,8 @@ def test_sigterm_drains_and_exits_cleanly(tiny_models, tmp_path):
     service = LocalService("reference", ["--model", str(tiny_models.causal_lm),
                                          "--metrics-port", "-1"], log_file=log)  # fmt: skip
     service.start()
-    started = time.monotonic()
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(30) == 0
-    assert time.monotonic() - started < 30
     text = log.read_text()
     assert "shutting down" in text
     assert "stopped" in text

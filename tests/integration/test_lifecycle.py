@@ -39,30 +39,39 @@ def test_sigterm_while_loading_exits_promptly(tiny_models, tmp_path):
                 time.sleep(0.1)
             else:
                 pytest.fail("the server never answered NOT_SERVING")
-        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(20) == 0
-        assert time.monotonic() - signalled < 10
+        assert process.wait(20) == 0  # a clean exit, well before the 60 s load would end
     finally:
         process.kill()
-    assert "signalled during start-up" in log.read_text()
+    text = log.read_text()
+    assert "signalled during start-up" in text
+    assert "shutting down" in text and "stopped" in text
 
 
 def test_a_child_that_dies_at_start_up_fails_fast(tmp_path):
     service = LocalService("reward", ["--model", str(tmp_path / "missing"), "--metrics-port", "-1"],
                            log_file=tmp_path / "reward.log")  # fmt: skip
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="exited with code 1"):
+    # The exit is noticed as such, not as a service that never got ready in 120 s.
+    with pytest.raises(RuntimeError, match="reward service exited with code 1"):
         service.start(ready_timeout=120)
-    assert time.monotonic() - start < 30
+    assert service.process.returncode == 1
     assert "neither a bundled model" in (tmp_path / "reward.log").read_text()
 
 
-def test_stop_is_sigterm_then_kill(tiny_models):
+def test_stop_is_sigterm_then_kill(tiny_models, caplog):
     service = LocalService("trainer", ["--metrics-port", "-1"], stop_timeout=3)
     service.start()
-    service.process.send_signal(signal.SIGSTOP)  # a hung process ignores SIGTERM
-    start = time.monotonic()
-    code = service.stop()
+    process = service.process
+    process.send_signal(signal.SIGSTOP)  # a hung process ignores SIGTERM
+    sent: list[int] = []
+    send = process.send_signal
+    process.send_signal = lambda sig: (sent.append(sig), send(sig))[1]  # kill() sends here too
+    try:
+        code = service.stop()
+    finally:
+        if process.poll() is None:
+            send(signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert 3 <= time.monotonic() - start < 20
+    assert sent == [signal.SIGTERM, signal.SIGKILL]
+    # SIGKILL came only once the wait of stop_timeout after SIGTERM had run out.
+    assert "trainer did not stop in 3s; killing it" in caplog.text

@@ -8,27 +8,36 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry
+from waiting import until_queued
 
 from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
 from alignd_server.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
 class Recorder:
-    """A batch function that records each batch it is given and doubles the payloads."""
+    """A batch function that records each batch it is given and doubles the payloads.
 
-    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+    With a ``gate``, each call sets :attr:`entered` and then waits for the gate, so that a test
+    knows a batch is computing and holds it there.
+    """
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
-        self.delay = delay
         self.gate = gate
+        self.entered = threading.Event()
         self.threads: set[int] = set()
 
     def __call__(self, payloads: list[int]) -> list[int]:
         self.threads.add(threading.get_ident())
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
-        time.sleep(self.delay)
         self.batches.append(list(payloads))
         return [2 * p for p in payloads]
+
+    async def computing(self) -> None:
+        """Waits until a batch is in the batch function (held by the gate)."""
+        assert await asyncio.to_thread(self.entered.wait, 10), "no batch started computing"
 
 
 def make(run, **limits) -> tuple[DynamicBatcher, BatcherMetrics]:
@@ -40,7 +49,7 @@ def make(run, **limits) -> tuple[DynamicBatcher, BatcherMetrics]:
 
 async def test_items_of_concurrent_requests_share_batches_and_keep_their_order():
     run = Recorder()
-    batcher, _ = make(run, max_batch_size=8)
+    batcher, _ = make(run, max_batch_size=5, max_wait_s=60)  # runs when both are queued
     batcher.start()
     results = await asyncio.gather(
         batcher.submit([1, 2, 3], [1, 1, 1]), batcher.submit([4, 5], [1, 1])
@@ -75,15 +84,31 @@ async def test_an_item_larger_than_the_token_limit_runs_alone():
     assert sorted(run.batches) == [[1], [2]]
 
 
-async def test_a_lone_item_waits_at_most_max_wait():
+async def test_a_lone_item_waits_for_company_within_max_wait():
     run = Recorder()
-    batcher, _ = make(run, max_batch_size=64, max_wait_s=0.2)
+    batcher, _ = make(run, max_batch_size=2, max_wait_s=60)
     batcher.start()
-    start = time.monotonic()
-    assert await batcher.submit([7], [1]) == [14]
-    elapsed = time.monotonic() - start
-    await batcher.stop()
-    assert 0.15 <= elapsed < 2.0
+    try:
+        first = asyncio.ensure_future(batcher.submit([1], [1]))
+        await until_queued(batcher, 1)  # alone, and waiting for more
+        second = asyncio.ensure_future(batcher.submit([2], [1]))
+        assert await first == [2] and await second == [4]
+    finally:
+        await batcher.stop()
+    assert run.batches == [[1, 2]]  # the first did not run alone
+
+
+async def test_a_lone_item_runs_alone_once_max_wait_passed():
+    run = Recorder()
+    batcher, _ = make(run, max_batch_size=64, max_wait_s=0.05)
+    batcher.start()
+    try:
+        # Far from a full batch: without the max_wait bound these would never run.
+        assert await asyncio.wait_for(batcher.submit([7], [1]), 30) == [14]
+        assert await asyncio.wait_for(batcher.submit([8], [1]), 30) == [16]
+    finally:
+        await batcher.stop()
+    assert run.batches == [[7], [8]]
 
 
 async def test_full_queue_rejects_with_resource_exhausted():
@@ -92,9 +117,9 @@ async def test_full_queue_rejects_with_resource_exhausted():
     batcher, metrics = make(run, max_batch_size=1, max_wait_s=0, max_queue_size=2)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit([1], [1]))
-    await asyncio.sleep(0.05)  # the first item is running, blocked on the gate
+    await run.computing()  # the first item is running, blocked on the gate
     queued = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 2)
     with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
         await batcher.submit([4], [1])
     gate.set()
@@ -110,15 +135,17 @@ async def test_expired_items_are_dropped_before_compute():
     batcher, metrics = make(run, max_batch_size=1, max_wait_s=0)
     batcher.start()
     blocker = asyncio.ensure_future(batcher.submit([1], [1]))
-    await asyncio.sleep(0.05)
-    late = asyncio.ensure_future(batcher.submit([2], [1], deadline=time.monotonic() + 0.05))
-    await asyncio.sleep(0.1)
+    await run.computing()
+    # Queued behind the blocker: one whose deadline passes while it waits, one with time left.
+    late = asyncio.ensure_future(batcher.submit([2], [1], deadline=time.monotonic()))
+    timely = asyncio.ensure_future(batcher.submit([3], [1], deadline=time.monotonic() + 60))
+    await until_queued(batcher, 2)
     gate.set()
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
         await late
-    await blocker
+    assert await blocker == [2] and await timely == [6]
     await batcher.stop()
-    assert run.batches == [[1]]
+    assert run.batches == [[1], [3]]
     assert metrics.dropped.labels("test", "deadline")._value.get() == 1
 
 
@@ -128,15 +155,17 @@ async def test_cancelled_requests_are_dropped_before_compute():
     batcher, metrics = make(run, max_batch_size=1, max_wait_s=0)
     batcher.start()
     blocker = asyncio.ensure_future(batcher.submit([1], [1]))
-    await asyncio.sleep(0.05)
+    await run.computing()
     gone = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 2)
     gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    after = asyncio.ensure_future(batcher.submit([4], [1]))  # queued behind the cancelled two
     gate.set()
-    await blocker
-    await asyncio.sleep(0.05)
+    assert await blocker == [2] and await after == [8]  # so the two were handled before it
     await batcher.stop()
-    assert run.batches == [[1]]
+    assert run.batches == [[1], [4]]
     assert metrics.dropped.labels("test", "cancelled")._value.get() == 2
 
 
@@ -159,16 +188,17 @@ async def test_a_failing_batch_fails_its_items_and_the_batcher_keeps_working():
 
 async def test_stop_fails_queued_items_with_unavailable():
     gate = threading.Event()
-    batcher, _ = make(Recorder(gate=gate), max_batch_size=1, max_wait_s=0)
+    run = Recorder(gate=gate)
+    batcher, _ = make(run, max_batch_size=1, max_wait_s=0)
     batcher.start()
     running = asyncio.ensure_future(batcher.submit([1], [1]))
-    await asyncio.sleep(0.05)
+    await run.computing()
     waiting = asyncio.ensure_future(batcher.submit([2], [1]))
-    await asyncio.sleep(0.01)
-    stopping = asyncio.ensure_future(batcher.stop())
-    await asyncio.sleep(0.01)
-    gate.set()
-    await stopping
+    await until_queued(batcher, 1)
+    try:
+        await asyncio.wait_for(batcher.stop(), 10)  # does not wait for the computing batch
+    finally:
+        gate.set()
     for pending in (running, waiting):  # in flight and queued alike
         with pytest.raises(Unavailable):
             await pending
@@ -185,7 +215,7 @@ async def test_a_failing_batch_is_retried_item_by_item_so_only_the_bad_item_fail
             raise RuntimeError("index out of range in self")
         return [2 * p for p in payloads]
 
-    batcher, metrics = make(run, max_wait_s=0.2)
+    batcher, metrics = make(run, max_batch_size=3, max_wait_s=60)  # runs when all 3 are queued
     batcher.start()
     try:
         results = await asyncio.gather(
@@ -214,10 +244,7 @@ async def test_capacity_can_be_checked_before_the_items_are_prepared():
         first = asyncio.ensure_future(batcher.submit([1], [1]))
         assert await asyncio.to_thread(entered.wait, 10)  # computing, held by the gate
         waiting = asyncio.ensure_future(batcher.submit([2, 3], [1, 1]))  # fills the queue
-        for _ in range(500):
-            if batcher.queued == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(batcher, 2)
         batcher.check_capacity(0)
         with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
             batcher.check_capacity(1)

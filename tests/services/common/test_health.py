@@ -19,7 +19,7 @@ SERVICE = "alignd.v1.TrainerService"
 
 def test_watch_reports_changes_and_ends_with_ok_when_the_server_drains():
     settings = ServerSettings(port=0, metrics_port=-1, grace_s=3600)
-    thread = ServerThread(Server(settings, [SlowTrainer(delay=0)])).start()
+    thread = ServerThread(Server(settings, [SlowTrainer()])).start()
     seen: list[str] = []
     first = threading.Event()
     outcome: list[object] = []

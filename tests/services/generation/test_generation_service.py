@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from alignd import GenerationClient, SamplingParams
-from alignd.clients.generation import weight_messages
+from alignd.clients.generation import ACCEPTED_KEY, weight_messages
 from alignd.errors import AbortedError, InvalidArgumentError
 from alignd.v1 import generation_pb2
 from alignd_server.common.models import load_causal_lm
@@ -196,7 +195,8 @@ def test_concurrent_updates_are_refused(server, policy):
 
     with GenerationClient(server.target) as client:
         future = client._stub.UpdateWeights.future(slow(), timeout=30)
-        time.sleep(0.5)
+        # The server answers the header once it holds the update, before it reads on.
+        assert dict(future.initial_metadata()).get(ACCEPTED_KEY) == "accepted"
         with pytest.raises(AbortedError, match="another weight update is in progress"):
             client.update_weights({"model.norm.weight": np.ones(64, np.float32)}, 2, partial=True)
         gate.set()
