@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
-from alignd_server.common.forward import pad_right, sequence_scores
+from alignd_server.common.forward import pad_right, sequence_scores, token_stats
 from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
 from alignd_server.trainer import lora
-from alignd_server.trainer.forward import token_stats
 from alignd_server.trainer.losses import SPECS, LossInputs, LossOutput
 
 CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_CLASSIFIER = (
