@@ -2,11 +2,13 @@
 
 ``alignd submit job.yaml --release R --namespace N`` builds a ConfigMap holding the job config
 and a Job whose pod runs ``alignd run --env --resume`` against the services of Helm release R:
-their addresses come as ``ALIGND_*_TARGET`` variables, the run directory lives on the release's
-shared volume (mounted where the services mount it, so checkpoint paths mean the same on the
-driver and the trainer), and the auth token (and TLS CA) come from the release's Secrets. The
-pod carries the ``alignd.io/role: driver`` label the chart's NetworkPolicy admits. Kubernetes
-objects are built with the ``kubernetes`` client's models (``pip install 'alignd[kubernetes]'``).
+their addresses come as ``ALIGND_*_TARGET`` variables (generation's as
+``ALIGND_GENERATION_DNS``: the release's headless Service, whose records are the replicas), the
+run directory lives on the release's shared volume (mounted where the services mount it, so
+checkpoint paths mean the same on the driver and the trainer), and the auth token (and TLS CA)
+come from the release's Secrets. The pod carries the ``alignd.io/role: driver`` label the
+chart's NetworkPolicy admits. Kubernetes objects are built with the ``kubernetes`` client's
+models (``pip install 'alignd[kubernetes]'``).
 """
 
 from __future__ import annotations
@@ -89,9 +91,15 @@ def build_objects(config: JobConfig, options: SubmitOptions, name: str) -> list[
         metadata=k.V1ObjectMeta(name=name, namespace=options.namespace, labels=labels),
         data={"job.yaml": yaml.safe_dump(document)},
     )  # fmt: skip
+    # Generation by its headless Service: its DNS records are the ready pods, so the job
+    # samples from and pushes to each replica (a ClusterIP would pin one connection to one pod).
     env = [k.V1EnvVar(name=f"ALIGND_{role.upper()}_TARGET",
                       value=f"{full}-{role}.{options.namespace}.svc:{PORTS[role]}")
-           for role in ROLES]  # fmt: skip
+           for role in ROLES if role != "generation"]  # fmt: skip
+    env.insert(0, k.V1EnvVar(
+        name="ALIGND_GENERATION_DNS",
+        value=f"{full}-generation-headless.{options.namespace}.svc:{PORTS['generation']}",
+    ))  # fmt: skip
     env.append(k.V1EnvVar(name="ALIGND_HOME", value=options.mount_path))
     mounts = [k.V1VolumeMount(name="job", mount_path="/etc/alignd/job", read_only=True),
               k.V1VolumeMount(name="home", mount_path=options.mount_path),

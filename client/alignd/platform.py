@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,10 @@ class ServiceTargets(BaseModel):
 
     generation: list[Target] = []
     """Generation replicas: one target or a list (jobs spread requests over them)."""
+    generation_dns: Target | None = None
+    """Instead of ``generation``: ``HOST:PORT`` of a name whose DNS records are the replicas
+    (a headless Service: one record per ready pod), resolved when the platform is made and
+    again when a replica fails (:meth:`Platform.rediscover`)."""
     reward: Target | None = None
     """The reward service."""
     reference: Target | None = None
@@ -107,7 +112,9 @@ class ServiceTargets(BaseModel):
 
     @model_validator(mode="after")
     def _some(self) -> ServiceTargets:
-        if not any(self.targets().values()):
+        if self.generation and self.generation_dns:
+            raise ValueError("give generation or generation_dns, not both")
+        if not any(self.targets().values()) and not self.generation_dns:
             raise ValueError(f"no service configured; set at least one of {', '.join(ROLES)}")
         return self
 
@@ -185,6 +192,9 @@ class PlatformEnv(BaseSettings):
 
     generation_target: str | None = None
     """``host:port`` of the generation service; several replicas separated by commas."""
+    generation_dns: str | None = None
+    """Instead: ``host:port`` of a name whose DNS records are the generation replicas (a
+    headless Service)."""
     reward_target: str | None = None
     """``host:port`` of the reward service."""
     reference_target: str | None = None
@@ -216,6 +226,7 @@ class PlatformEnv(BaseSettings):
         document = {
             "services": {
                 "generation": generation,
+                "generation_dns": self.generation_dns,
                 "reward": self.reward_target,
                 "reference": self.reference_target,
                 "trainer": self.trainer_target,
@@ -225,6 +236,7 @@ class PlatformEnv(BaseSettings):
             "token_file": self.token_file,
         }
         names = {f"services.{role}": f"ALIGND_{role.upper()}_TARGET" for role in ROLES}
+        names["services.generation_dns"] = "ALIGND_GENERATION_DNS"
         names.update(
             {
                 "tls.ca": "ALIGND_TLS_CA",
@@ -238,6 +250,12 @@ class PlatformEnv(BaseSettings):
             token_file="ALIGND_TOKEN_FILE",
         )
         return _validate(PlatformConfig, document, "environment", names)
+
+
+def _system_resolver(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to (A and AAAA records)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0].split("%")[0] for info in infos]
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -351,6 +369,9 @@ class Platform:
         timeout: default deadline of each call, in seconds; None = each client's own default
             (60 s; the trainer's 30 min). Jobs set their own (``trainer_timeout_s``,
             ``service_timeout_s``).
+        generation_dns: instead of ``generation``, ``HOST:PORT`` of a name whose DNS records
+            are the replicas (a headless Service), resolved now and by :meth:`rediscover`.
+        resolver: how a host becomes its addresses (default: the system resolver).
         **channel_args: passed to every client (see :func:`alignd.channel.create_channel`).
     """
 
@@ -365,15 +386,22 @@ class Platform:
         token: str | None = None,
         token_file: Path | str | None = None,
         timeout: float | None = None,
+        generation_dns: str | None = None,
+        resolver: Callable[[str, int], Sequence[str]] | None = None,
         **channel_args: Any,
     ) -> None:
         services = {
             "generation": _as_list(generation),
+            "generation_dns": generation_dns,
             "reward": reward,
             "reference": reference,
             "trainer": trainer,
         }
         self.targets = _validate(ServiceTargets, services, "arguments").targets()
+        self.generation_dns = generation_dns
+        self._resolve = resolver or _system_resolver
+        if generation_dns is not None:
+            self.targets["generation"] = self._replicas()
         if token is not None and token_file is not None:
             raise PlatformConfigError("give token or token_file, not both")
         self.tls = tls
@@ -390,10 +418,11 @@ class Platform:
         """A platform from a validated :class:`PlatformConfig`."""
         s = config.services
         return cls(
-            s.generation,
+            s.generation or None,
             s.reward,
             s.reference,
             s.trainer,
+            generation_dns=s.generation_dns,
             tls=config.tls.to_tls() if config.tls else None,
             token=config.token.get_secret_value() if config.token else None,
             token_file=config.token_file,
@@ -556,6 +585,40 @@ class Platform:
                 for t in self.targets[role]
             ]
         return self._clients[role]
+
+    def _replicas(self) -> list[str]:
+        """``ip:port`` of every address ``generation_dns`` resolves to now, in order.
+
+        Raises:
+            PlatformConfigError: it resolves to nothing.
+        """
+        host, _, port = self.generation_dns.rpartition(":")
+        try:
+            addresses = sorted(set(self._resolve(host, int(port))))
+        except (OSError, ValueError) as err:
+            raise PlatformConfigError(f"generation_dns {self.generation_dns!r}: {err}") from None
+        if not addresses:
+            raise PlatformConfigError(f"generation_dns {self.generation_dns!r} has no records")
+        return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+
+    def rediscover(self) -> bool:
+        """Resolves ``generation_dns`` again (after a replica failed); returns whether the
+        replicas changed. A platform with fixed targets, or a lookup that fails now, keeps
+        the replicas it has."""
+        if self.generation_dns is None:
+            return False
+        try:
+            replicas = self._replicas()
+        except PlatformConfigError as err:
+            log.warning("keeping %d generation replicas: %s", len(self.targets["generation"]), err)
+            return False
+        if replicas == self.targets["generation"]:
+            return False
+        log.info("generation replicas now %s", ", ".join(replicas))
+        self.targets["generation"] = replicas
+        for client in self._clients.pop("generation", []):
+            client.close()
+        return True
 
     def generation_clients(self) -> list[GenerationClient]:
         """One client per generation replica."""

@@ -47,7 +47,8 @@ def test_the_job_runs_the_config_against_the_release(tmp_path):
     assert container["args"] == ["run", "/etc/alignd/job/job.yaml", "--env", "--resume"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["ALIGND_TRAINER_TARGET"] == "prod-alignd-trainer.rlhf.svc:50054"
-    assert env["ALIGND_GENERATION_TARGET"] == "prod-alignd-generation.rlhf.svc:50051"
+    assert env["ALIGND_GENERATION_DNS"] == "prod-alignd-generation-headless.rlhf.svc:50051"
+    assert "ALIGND_GENERATION_TARGET" not in env  # a ClusterIP pins one connection to one pod
     assert env["ALIGND_TOKEN_FILE"] == "/etc/alignd/auth/tokens"
     assert job["spec"]["template"]["metadata"]["labels"]["alignd.io/role"] == "driver"
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]

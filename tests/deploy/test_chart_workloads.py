@@ -285,7 +285,7 @@ def test_the_trainer_may_push_to_the_release_generation_service_and_its_pods(ren
     assert "alignd.io/metrics" not in headless["metadata"]["labels"]  # scraped through client
 
 
-def test_the_generation_target_alignd_submit_gives_jobs_is_allowed(render, monkeypatch):
+def test_the_generation_replicas_alignd_submit_gives_jobs_are_allowed(render, monkeypatch):
     pytest.importorskip("kubernetes", reason="kubernetes client missing: pip install kubernetes")
     from alignd import kube
     from alignd.jobs import PPOConfig
@@ -295,8 +295,16 @@ def test_the_generation_target_alignd_submit_gives_jobs_is_allowed(render, monke
     _, job = kube.to_manifests(kube.build_objects(job_config, options, "job-1"))
     (driver,) = job["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in driver["env"]}
-    allowed = PushTargets(push_targets(render(), monkeypatch))
-    asyncio.run(allowed.check([env["ALIGND_GENERATION_TARGET"]]))
+    manifests = render()
+    targets = push_targets(manifests, monkeypatch)
+    # The job finds the replicas through the headless Service (its records are the ready
+    # pods); the trainer allows the addresses the same Service's full name resolves to.
+    name, port = env["ALIGND_GENERATION_DNS"].rsplit(":", 1)
+    assert "ALIGND_GENERATION_TARGET" not in env
+    assert name == f"{GENERATION}-headless.{NAMESPACE}.svc"
+    find(manifests, "Service", f"{GENERATION}-headless")
+    assert f"{name}.cluster.local:{port}" in targets
+    allowed = PushTargets(targets)
     with pytest.raises(InvalidArgument, match="not an allowed push target"):
         asyncio.run(allowed.check([env["ALIGND_REWARD_TARGET"]]))
 

@@ -199,7 +199,9 @@ class Job:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Calls ``fn``, retrying transient failures with exponential backoff for up to
-        ``config.retry_seconds`` (a service being restarted comes back within that)."""
+        ``config.retry_seconds`` (a service being restarted comes back within that). Before
+        each retry the platform looks its generation replicas up again (a replaced pod has a
+        new address); ``fn`` that picks its client when called follows them."""
         deadline = time.monotonic() + self.config.retry_seconds
         delay = 0.5
         while True:
@@ -211,6 +213,12 @@ class Job:
                 log.warning("%s failed (%s); retrying in %.1fs", _name(fn), err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+                self.rediscover()
+
+    def rediscover(self) -> bool:
+        """Looks the platform's generation replicas up again; whether they changed."""
+        rediscover = getattr(self.platform, "rediscover", None)
+        return bool(rediscover()) if rediscover is not None else False
 
     def service(self, role: str):
         """The platform's client of ``role`` (generation, reward, reference) with the job's

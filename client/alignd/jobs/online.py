@@ -97,20 +97,22 @@ class _Online(Job):
         self.version = -1  # generation holds other weights until the first push
         base = self.run_dir.state.get("version_base")
         if base is None:
-            base = max(self.call(c.info).weights_version for c in self.generation_clients())
+            base = max(self._replica_versions().values())
         self.version_base = int(base)
 
     def extra_state(self) -> dict:
         return {"version_base": self.version_base}
 
-    def _sync_weights(self, version: int) -> None:
-        """Makes every generation replica serve the trainer's weights as ``version``; replicas
-        that fail (restarting) are retried with backoff for ``retry_seconds``."""
-        targets = list(self.platform.generation_targets)
+    def _sync_weights(self, version: int, targets: list[str] | None = None) -> None:
+        """Makes every generation replica (or ``targets``) serve the trainer's weights as
+        ``version``; replicas that fail (restarting) are retried with backoff for
+        ``retry_seconds``, and the replicas are looked up again (a replaced pod is pushed to)."""
+        targets, done = list(targets or self.platform.generation_targets), set()
         deadline, delay = time.monotonic() + self.config.retry_seconds, 0.5
         with self.phase("weight_sync"):
             while True:
                 results = self.call(self.trainer.push_weights, targets, version)
+                done |= {r.address for r in results if r.ok}
                 failed = [r for r in results if not r.ok]
                 if not failed:
                     break
@@ -119,17 +121,30 @@ class _Online(Job):
                     raise RuntimeError(f"weight push of version {version} failed: {errors}")
                 log.warning("weight push failed (%s); retrying in %.1fs", errors, delay)
                 time.sleep(delay)
-                targets, delay = [r.address for r in failed], min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0)
+                if self.rediscover():  # replicas came or went: push to the ones not yet done
+                    targets = [t for t in self.platform.generation_targets if t not in done]
+                    if not targets:
+                        break
+                else:
+                    targets = [r.address for r in failed]
         self.version = version
 
     def _ensure_weights(self, version: int) -> None:
         """Pushes again if a replica restarted (it came back with its initial weights)."""
-        stale = self.version != version or any(
-            self.call(client.info).weights_version != version
-            for client in self.generation_clients()
-        )
-        if stale:
+        if self.version != version:
             self._sync_weights(version)
+            return
+        stale = [t for t, v in self._replica_versions().items() if v != version]
+        if stale:
+            self._sync_weights(version, stale)
+
+    def _replica_versions(self) -> dict[str, int]:
+        """The weights version each generation replica serves, by target (the replicas are
+        looked up again on a retry, so one that went away is replaced by those there are)."""
+        return self.call(
+            lambda: {c.target: c.info().weights_version for c in self.generation_clients()}
+        )
 
     def rollout(self, step: int, group: int = 1) -> Rollout:
         """Samples ``group`` completions of each of the round's prompts and scores them."""
@@ -143,7 +158,8 @@ class _Online(Job):
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
         )  # fmt: skip
         with self.phase("generation"):
-            samples = self.call(self.service("generation").generate, prompts, params)
+            # The client is picked on each attempt: a retry follows rediscovered replicas.
+            samples = self.call(lambda: self.service("generation").generate(prompts, params))
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]

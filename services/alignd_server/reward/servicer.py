@@ -39,12 +39,6 @@ def _prompt(item: reward_pb2.ScoreItem | reward_pb2.CompareItem, field: str) -> 
     raise InvalidArgument(field, "prompt or chat must be set")
 
 
-def _text(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "must not be empty")
-    return value
-
-
 def _label(item, field: str, limit: int) -> str | None:
     return check_text(item.label, field, limit) if item.HasField("label") else None
 
@@ -106,7 +100,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         inputs = [
             ScoreInput(
                 _prompt(item, f"items[{i}]"),
-                _text(item.response, f"items[{i}].response"),
+                item.response,  # may be empty: a completion that ended at once
                 _label(item, f"items[{i}].label", limit),
                 f"items[{i}].prompt",
                 f"items[{i}].response",
@@ -127,7 +121,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         for side in ("a", "b"):
             for i, item in enumerate(request.items):
                 field = f"items[{i}].response_{side}"
-                response = _text(getattr(item, f"response_{side}"), field)
+                response = getattr(item, f"response_{side}")
                 inputs.append(
                     ScoreInput(
                         _prompt(item, f"items[{i}]"),

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from alignd import Platform, RewardClient
+from alignd import GenerationClient, Platform, RewardClient
 from alignd.data import load_examples
 from alignd.jobs import (
     DPOConfig,
@@ -291,3 +291,43 @@ def test_every_job_config_field_is_documented_and_printed_by_help_config(capsys)
             assert " ".join(field.description.split())[:40] in printed
     assert main(["run", "--help-config", "kto"]) == 2
     assert "unknown job kind 'kto'" in capsys.readouterr().err
+
+
+def test_ppo_follows_generation_replicas_found_by_dns_when_one_is_replaced(serve, tmp_path):
+    first = serve("generation")
+    port = int(first.target.rsplit(":", 1)[1])
+    replicas = {"127.0.0.1": first}
+    for host in ("127.0.0.2", "127.0.0.3"):  # the same port on other loopback addresses
+        replicas[host] = serve("generation", host=host, port=port)
+    records = {"gen-headless.ml.svc": ["127.0.0.1", "127.0.0.2"]}
+    lookups = []
+
+    def resolver(host, port_):
+        lookups.append(host)
+        return list(records[host])
+
+    allowed = [f"{host}:{port}" for host in replicas]
+    others = {
+        "reward": serve("reward", scorers=[f"oracle={SCORER}"]).target,
+        "reference": serve("reference").target,
+        "trainer": serve("trainer", push_targets=allowed).target,
+    }
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=3,
+        rollout={"prompts_per_round": 4, "max_new_tokens": 6, "scorer": "oracle"},
+        retry_seconds=60, **common(tmp_path, "ppo-dns"),
+    )  # fmt: skip
+    platform = Platform(generation_dns=f"gen-headless.ml.svc:{port}", resolver=resolver, **others)
+    with platform:
+        steps = []
+        for row in make_job(config, platform, progress=False).run():
+            steps.append(row["step"])
+            if row["step"] == 1:  # the pod at .2 is replaced by one at .3
+                replicas["127.0.0.2"].stop()
+                records["gen-headless.ml.svc"] = ["127.0.0.1", "127.0.0.3"]
+        assert steps == [1, 2, 3]
+        assert platform.generation_targets == [f"127.0.0.1:{port}", f"127.0.0.3:{port}"]
+    for host in ("127.0.0.1", "127.0.0.3"):
+        with GenerationClient(f"{host}:{port}") as client:
+            assert client.info().weights_version == 4, host  # v1 before round 1, then 2, 3, 4
+    assert len(lookups) >= 2  # looked up again when the replica failed

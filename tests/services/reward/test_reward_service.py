@@ -168,8 +168,8 @@ def _item(**fields) -> reward_pb2.ScoreItem:
     [
         (reward_pb2.ScoreRequest(), r"items: must not be empty"),
         (reward_pb2.ScoreRequest(items=[_item(prompt="", response="r")]), r"items\[0\]"),
-        (reward_pb2.ScoreRequest(items=[_item(prompt="p", response="")]),
-         r"items\[0\].response: must not be empty"),
+        (reward_pb2.ScoreRequest(items=[_item(prompt="p", response="x" * 70000)]),
+         r"items\[0\].response: is more than 65536 bytes"),
         (reward_pb2.ScoreRequest(items=[_item(response="r")]), r"items\[0\]: prompt or chat"),
         (reward_pb2.ScoreRequest(items=[_item(prompt="p", response="r")], scorer="nope"),
          r"scorer: unknown scorer 'nope'"),
@@ -192,8 +192,17 @@ def test_bad_score_requests_are_invalid_arguments_naming_the_field(serve, reques
 def test_bad_compare_requests_name_the_response(serve):
     server = serve("reward")
     request = reward_pb2.CompareRequest(
-        items=[reward_pb2.CompareItem(prompt="p", response_a="a", response_b="")]
+        items=[reward_pb2.CompareItem(prompt="p", response_a="a", response_b="b" * 70000)]
     )
     with RewardClient(server.target) as client:
-        with pytest.raises(InvalidArgumentError, match=r"items\[0\].response_b: must not be empty"):
+        with pytest.raises(InvalidArgumentError, match=r"items\[0\].response_b: is more than"):
             client._call("Compare", request)
+
+
+def test_an_empty_response_is_scored_as_the_prompt_and_the_end_token(serve, reward_model):
+    server = serve("reward", model=str(reward_model))
+    with RewardClient(server.target) as client:
+        (score,) = client.score(["How is the weather?"], [""])
+        (probability,) = client.compare(["How is the weather?"], [""], [""])
+    assert score == pytest.approx(in_process(reward_model, "How is the weather?", ""), abs=1e-5)
+    assert probability == pytest.approx(0.5)
