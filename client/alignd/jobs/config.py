@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from alignd import losses
+
 
 class ConfigError(ValueError):
     """A job configuration is invalid; the message names each bad field."""
@@ -137,7 +139,7 @@ class SFTConfig(JobConfig):
 
     kind: Literal["sft"] = "sft"
     """Supervised fine-tuning."""
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(losses.CrossEntropy.label_smoothing, ge=0, lt=1)
     """Label smoothing of the cross-entropy, in [0, 1)."""
 
 
@@ -148,7 +150,9 @@ class RewardModelConfig(JobConfig):
     """A Bradley–Terry reward model."""
     model: str = "minilm-l6"
     """The backbone the classifier starts from (a fresh scalar head is added if it has none)."""
-    center_rewards_coefficient: float = Field(0.0, ge=0)
+    center_rewards_coefficient: float = Field(
+        losses.BradleyTerry.center_rewards_coefficient, ge=0, le=1000
+    )
     """Weight of the (r_chosen + r_rejected)² penalty that keeps rewards centred at 0
     (Eisenstein et al. 2023; TRL's ``center_rewards_coefficient``)."""
 
@@ -158,11 +162,11 @@ class DPOConfig(JobConfig):
 
     kind: Literal["dpo"] = "dpo"
     """Direct preference optimisation."""
-    variant: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    variant: Literal["sigmoid", "ipo", "hinge", "robust"] = losses.DPO.variant
     """The DPO-family objective (see the trainer's ``dpo`` loss)."""
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(losses.DPO.beta, gt=0, le=1000)
     """Temperature β of the implicit reward."""
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(losses.DPO.label_smoothing, ge=0, lt=0.5)
     """Label smoothing ε (conservative DPO for ``sigmoid``; ``robust`` uses it too)."""
 
 
@@ -232,13 +236,13 @@ class PPOConfig(_OnlineConfig):
     """Clip scores to ±this; unset = no clipping."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards over the round."""
-    clip_range: float = Field(0.2, gt=0, le=10)
+    clip_range: float = Field(losses.PPO.clip_range, gt=0, le=10)
     """ε of the clipped policy ratio."""
-    value_clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(losses.PPO.value_clip_range, gt=0, le=1000)
     """ε_v: how far the value may move from its rollout value."""
-    vf_coef: float = Field(0.1, ge=0)
+    vf_coef: float = Field(losses.PPO.vf_coef, ge=0, le=1000)
     """Weight of the value loss."""
-    entropy_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(losses.PPO.entropy_coef, ge=0, le=1000)
     """Weight of the entropy bonus."""
 
 
@@ -259,11 +263,11 @@ class GRPOConfig(_OnlineConfig):
     """GRPO's divisor: the group's std, the round's, or none (Dr. GRPO)."""
     epochs_per_round: int = Field(1, ge=1)
     """Passes over a round's samples."""
-    kl_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(losses.PolicyGradient.kl_coef, ge=0, le=1000)
     """β of the k3 KL-to-reference term of the loss."""
     clip_range: float | None = Field(0.2, gt=0, le=10)
     """ε of the clipped ratio; unset = plain REINFORCE."""
-    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    aggregation: Literal["token_mean", "sequence_mean"] = losses.PolicyGradient.aggregation
     """How token losses reduce: over all tokens, or per sequence then over sequences."""
 
 
