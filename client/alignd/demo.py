@@ -58,32 +58,34 @@ def _models(out: Path, home: str | None, quick: bool) -> tuple[str, str]:
 
 
 def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
-    """The four job configs of the demo (sizes fit 20 minutes on 2 CPU cores)."""
+    """The four job configs of the demo (sizes fit 20 minutes on 2 CPU cores), deterministic:
+    two runs give bit-identical metrics."""
     task, runs = load_task(), out / "runs"
     sft_model = str((runs / "sft" / "checkpoints" / "final").resolve())
     scale = 4 if quick else 1
     sft = SFTConfig(
         name="sft", run_dir=runs / "sft", model=policy, max_length=96, batch_size=8,
         data={"path": task.sft, "held_out": 16}, max_steps=20 // scale, eval_every=10,
-        optim={"lr": 5e-5, "schedule": "cosine", "warmup_steps": 2},
+        optim={"lr": 5e-5, "schedule": "cosine", "warmup_steps": 2}, deterministic=True,
     )  # fmt: skip
     rm = RewardModelConfig(
         name="reward_model", run_dir=runs / "reward_model", model=backbone, max_length=96,
         batch_size=16, data={"path": task.preferences_train, "eval_path": task.preferences_eval},
         max_steps=40 // scale, eval_every=20, optim={"lr": 5e-5, "warmup_steps": 2},
+        deterministic=True,
     )  # fmt: skip
     ppo = PPOConfig(
         name="ppo", run_dir=runs / "ppo", model=sft_model, batch_size=8, max_length=96,
         data={"path": task.train_prompts, "held_out": 0.05}, rounds=10 // scale,
         rollout={"prompts_per_round": 16, "max_new_tokens": 24 // scale},
         ppo_epochs=2, kl_coef=0.02, missing_eos_penalty=1.0, vf_coef=0.1,
-        optim={"lr": 2e-5},
+        optim={"lr": 2e-5}, deterministic=True,
     )  # fmt: skip
     dpo = DPOConfig(
         name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,
         data={"path": task.preferences_train, "eval_path": task.preferences_eval,
               "limit": 160 // scale}, beta=0.1,
-        max_steps=20 // scale, eval_every=10, optim={"lr": 1e-5},
+        max_steps=20 // scale, eval_every=10, optim={"lr": 1e-5}, deterministic=True,
     )  # fmt: skip
     return {"sft": sft, "reward_model": rm, "ppo": ppo, "dpo": dpo}
 
@@ -182,8 +184,9 @@ def _run(title: str, config, platform) -> list[dict]:
 def _evaluate(name: str, platform, prompts, options: dict):
     print(f"== evaluating {name} on {len(prompts)} held-out prompts")
     return evaluate_policy(
-        name, platform.generation, platform.reward, platform.reference, prompts, oracle, **options
-    )
+        name, platform.generation, platform.reward, platform.reference, prompts, oracle,
+        isolated=True, **options,
+    )  # fmt: skip
 
 
 def _summary(rows: dict, reports: dict) -> dict:

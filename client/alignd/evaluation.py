@@ -75,6 +75,7 @@ def evaluate_policy(
     max_new_tokens: int = 32,
     seed: int = 1234,
     scorer: str | None = None,
+    isolated: bool = False,
 ) -> PolicyReport:
     """Samples ``samples`` completions per prompt at temperature 1 from ``generation`` (which
     must serve the policy) and measures them: the ``reward`` service's score (``scorer``),
@@ -82,16 +83,17 @@ def evaluate_policy(
 
     KL(π ‖ π_ref) is estimated per completion as Σ_t (log π − log π_ref) over its tokens (k1,
     unbiased for samples drawn from π at temperature 1): π's log-probabilities come with the
-    samples, π_ref's from the reference service.
+    samples, π_ref's from the reference service. ``isolated`` has the reward and reference
+    services batch these requests alone (bit-identical numbers whatever else they serve).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=samples, seed=seed)
     results = generation.generate(list(prompts), params)
     flat = [(p, c) for p, group in zip(prompts, results, strict=True) for c in group]
     texts = [c.text for _, c in flat]
     rows = [np.concatenate([c.prompt_token_ids, c.token_ids]) for _, c in flat]
-    ref = reference.logprobs(rows, [len(c.prompt_token_ids) for _, c in flat])
+    ref = reference.logprobs(rows, [len(c.prompt_token_ids) for _, c in flat], isolated=isolated)
     kl = [float(c.logprobs.sum() - r.sum()) for (_, c), r in zip(flat, ref, strict=True)]
-    rewards = reward.score([p for p, _ in flat], texts, scorer=scorer)
+    rewards = reward.score([p for p, _ in flat], texts, scorer=scorer, isolated=isolated)
     oracle_scores = [oracle(t) for t in texts] if oracle is not None else None
     shown = oracle_scores if oracle_scores is not None else [float(r) for r in rewards]
     examples = [(_prompt_text(flat[i][0]), texts[i], shown[i]) for i in range(min(6, len(flat)))]

@@ -21,6 +21,7 @@ def logprob_requests(
     prompt_lengths: Sequence[int],
     chunk: int,
     temperature: float | None = None,
+    isolated: bool = False,
 ) -> list[reference_pb2.ComputeLogprobsRequest]:
     """ComputeLogprobsRequests of at most ``chunk`` sequences, in order."""
     if len(sequences) != len(prompt_lengths):
@@ -31,6 +32,7 @@ def logprob_requests(
             input_ids=from_ragged(rows[i : i + chunk], common_pb2.DTYPE_INT32),
             prompt_lengths=prompt_lengths[i : i + chunk],
             temperature=temperature,
+            isolated=isolated,
         )
         for i in range(0, len(rows), chunk)
     ]
@@ -58,6 +60,7 @@ class ReferenceClient(TokenizingClient):
         prompt_lengths: Sequence[int],
         *,
         temperature: float | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> list[np.ndarray]:
         """Per-token log pi_ref of each sequence's completion tokens.
@@ -67,6 +70,8 @@ class ReferenceClient(TokenizingClient):
             prompt_lengths: prompt length p of each sequence, 1 <= p < len(sequence).
             temperature: log-probs of softmax(logits / temperature), as generation reports
                 them for that temperature (default 1).
+            isolated: have each request batched only with its own rows (bit-identical
+                log-probs whatever else the server does; a job's ``deterministic`` mode).
             timeout: deadline of each request, in seconds.
 
         Returns:
@@ -74,7 +79,9 @@ class ReferenceClient(TokenizingClient):
         """
         if self._max_batch is None:
             self._max_batch = self.info().server.limits.max_batch_size or 32
-        requests = logprob_requests(sequences, prompt_lengths, self._max_batch, temperature)
+        requests = logprob_requests(
+            sequences, prompt_lengths, self._max_batch, temperature, isolated
+        )
         futures = [
             self._stub.ComputeLogprobs.future(r, timeout=timeout or self.timeout) for r in requests
         ]
@@ -103,12 +110,15 @@ class AsyncReferenceClient(AsyncTokenizingClient):
         prompt_lengths: Sequence[int],
         *,
         temperature: float | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> list[np.ndarray]:
         """See :meth:`ReferenceClient.logprobs`."""
         if self._max_batch is None:
             self._max_batch = (await self.info()).server.limits.max_batch_size or 32
-        requests = logprob_requests(sequences, prompt_lengths, self._max_batch, temperature)
+        requests = logprob_requests(
+            sequences, prompt_lengths, self._max_batch, temperature, isolated
+        )
         return _rows(
             await asyncio.gather(
                 *(self._call("ComputeLogprobs", r, timeout=timeout) for r in requests)

@@ -50,12 +50,13 @@ def score_requests(
     labels: Sequence[str | None] | None,
     scorer: str | None,
     chunk: int,
+    isolated: bool = False,
 ) -> list[reward_pb2.ScoreRequest]:
     """ScoreRequests of at most ``chunk`` items covering all pairs, in order."""
     count = _check_lengths(prompts=prompts, responses=responses, labels=labels)
     requests = []
     for part in _chunks(count, chunk):
-        request = reward_pb2.ScoreRequest(scorer=scorer or "")
+        request = reward_pb2.ScoreRequest(scorer=scorer or "", isolated=isolated)
         for i in range(part.start, part.stop):
             item = request.items.add(response=responses[i])
             _set_prompt(item, prompts[i])
@@ -72,12 +73,13 @@ def compare_requests(
     labels: Sequence[str | None] | None,
     scorer: str | None,
     chunk: int,
+    isolated: bool = False,
 ) -> list[reward_pb2.CompareRequest]:
     """CompareRequests of at most ``chunk`` items covering all pairs, in order."""
     count = _check_lengths(prompts=prompts, a=responses_a, b=responses_b, labels=labels)
     requests = []
     for part in _chunks(count, chunk):
-        request = reward_pb2.CompareRequest(scorer=scorer or "")
+        request = reward_pb2.CompareRequest(scorer=scorer or "", isolated=isolated)
         for i in range(part.start, part.stop):
             item = request.items.add(response_a=responses_a[i], response_b=responses_b[i])
             _set_prompt(item, prompts[i])
@@ -122,6 +124,7 @@ class RewardClient(ClientBase):
         *,
         scorer: str | None = None,
         labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Scores each (prompt, response).
@@ -131,12 +134,14 @@ class RewardClient(ClientBase):
             responses: one response per prompt.
             scorer: scorer name (default: the server's default scorer).
             labels: optional reference answers for function scorers.
+            isolated: have each request batched only with its own items (bit-identical
+                scores whatever else the server does; a job's ``deterministic`` mode).
             timeout: deadline of each request, in seconds.
 
         Returns:
             (N,) float32 scores.
         """
-        requests = score_requests(prompts, responses, labels, scorer, self._chunk())
+        requests = score_requests(prompts, responses, labels, scorer, self._chunk(), isolated)
         return _concat(self._fan_out("Score", requests, timeout), "scores")
 
     def compare(
@@ -147,11 +152,12 @@ class RewardClient(ClientBase):
         *,
         scorer: str | None = None,
         labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """(N,) float32 P(a > b) = sigmoid(r_a - r_b) for each pair."""
         requests = compare_requests(
-            prompts, responses_a, responses_b, labels, scorer, self._chunk()
+            prompts, responses_a, responses_b, labels, scorer, self._chunk(), isolated
         )
         return _concat(self._fan_out("Compare", requests, timeout), "probabilities")
 
@@ -179,10 +185,11 @@ class AsyncRewardClient(AsyncClientBase):
         *,
         scorer: str | None = None,
         labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """See :meth:`RewardClient.score`."""
-        requests = score_requests(prompts, responses, labels, scorer, await self._chunk())
+        requests = score_requests(prompts, responses, labels, scorer, await self._chunk(), isolated)
         answers = await asyncio.gather(*(self._call("Score", r, timeout=timeout) for r in requests))
         return _concat(answers, "scores")
 
@@ -194,11 +201,14 @@ class AsyncRewardClient(AsyncClientBase):
         *,
         scorer: str | None = None,
         labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """See :meth:`RewardClient.compare`."""
         chunk = await self._chunk()
-        requests = compare_requests(prompts, responses_a, responses_b, labels, scorer, chunk)
+        requests = compare_requests(
+            prompts, responses_a, responses_b, labels, scorer, chunk, isolated
+        )
         answers = await asyncio.gather(
             *(self._call("Compare", r, timeout=timeout) for r in requests)
         )

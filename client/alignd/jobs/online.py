@@ -83,7 +83,7 @@ class _Online(Job):
             c.name or self.kind, self.service("generation"), self.service("reward"),
             self.service("reference"), [p.prompt for p in self.held], samples=c.eval_samples,
             max_new_tokens=c.rollout.max_new_tokens, seed=self.eval_seed(step),
-            scorer=c.rollout.scorer or None,
+            scorer=c.rollout.scorer or None, isolated=c.deterministic,
         )  # fmt: skip
         return report.metrics()
 
@@ -165,10 +165,12 @@ class _Online(Job):
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
         lengths = [len(s.prompt_token_ids) for _, s in flat]
         with self.phase("scoring"):
-            scores = self.call(self.service("reward").score, [p for p, _ in flat],
-                               texts, scorer=c.rollout.scorer or None)  # fmt: skip
+            scores = self.call(self.service("reward").score, [p for p, _ in flat], texts,
+                               scorer=c.rollout.scorer or None,
+                               isolated=c.deterministic)  # fmt: skip
         with self.phase("reference"):
-            ref = self.call(self.service("reference").logprobs, rows, lengths)
+            ref = self.call(self.service("reference").logprobs, rows, lengths,
+                            isolated=c.deterministic)  # fmt: skip
         ref_padded, mask = alg.pad_right(ref)
         return Rollout(
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),

@@ -157,7 +157,8 @@ class DPOJob(_Pairs):
         with self.phase("reference"):
             for part in chunks(np.arange(len(seqs)), 32):
                 rows = self.call(reference.logprobs, [seqs[i].input_ids for i in part],
-                                 [seqs[i].prompt_length for i in part])  # fmt: skip
+                                 [seqs[i].prompt_length for i in part],
+                                 isolated=self.config.deterministic)  # fmt: skip
                 sums += [float(r.sum()) for r in rows]
         values = np.array(sums, dtype=np.float64)
         np.save(path, values)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61lignd/v1/reference.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x9b\x01\n\x16\x43omputeLogprobsRequest\x12*\n\tinput_ids\x18\x01 \x01(\x0b\x32\x17.alignd.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x05\x12\x13\n\x0breturn_sums\x18\x03 \x01(\x08\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"R\n\x17\x43omputeLogprobsResponse\x12)\n\x08logprobs\x18\x01 \x01(\x0b\x32\x17.alignd.v1.RaggedTensor\x12\x0c\n\x04sums\x18\x02 \x03(\x01\"6\n\rReferenceInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo2\xf1\x01\n\x10ReferenceService\x12X\n\x0f\x43omputeLogprobs\x12!.alignd.v1.ComputeLogprobsRequest\x1a\".alignd.v1.ComputeLogprobsResponse\x12\x43\n\x08Tokenize\x12\x1a.alignd.v1.TokenizeRequest\x1a\x1b.alignd.v1.TokenizeResponse\x12>\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x18.alignd.v1.ReferenceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61lignd/v1/reference.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\xad\x01\n\x16\x43omputeLogprobsRequest\x12*\n\tinput_ids\x18\x01 \x01(\x0b\x32\x17.alignd.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x05\x12\x13\n\x0breturn_sums\x18\x03 \x01(\x08\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08isolated\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperature\"R\n\x17\x43omputeLogprobsResponse\x12)\n\x08logprobs\x18\x01 \x01(\x0b\x32\x17.alignd.v1.RaggedTensor\x12\x0c\n\x04sums\x18\x02 \x03(\x01\"6\n\rReferenceInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo2\xf1\x01\n\x10ReferenceService\x12X\n\x0f\x43omputeLogprobs\x12!.alignd.v1.ComputeLogprobsRequest\x1a\".alignd.v1.ComputeLogprobsResponse\x12\x43\n\x08Tokenize\x12\x1a.alignd.v1.TokenizeRequest\x1a\x1b.alignd.v1.TokenizeResponse\x12>\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x18.alignd.v1.ReferenceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.reference_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=65
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=220
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=222
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=304
-  _globals['_REFERENCEINFO']._serialized_start=306
-  _globals['_REFERENCEINFO']._serialized_end=360
-  _globals['_REFERENCESERVICE']._serialized_start=363
-  _globals['_REFERENCESERVICE']._serialized_end=604
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=238
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=240
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=322
+  _globals['_REFERENCEINFO']._serialized_start=324
+  _globals['_REFERENCEINFO']._serialized_end=378
+  _globals['_REFERENCESERVICE']._serialized_start=381
+  _globals['_REFERENCESERVICE']._serialized_end=622
 # @@protoc_insertion_point(module_scope)

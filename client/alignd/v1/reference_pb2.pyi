@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputeLogprobsRequest(_message.Message):
-    __slots__ = ("input_ids", "prompt_lengths", "return_sums", "temperature")
+    __slots__ = ("input_ids", "prompt_lengths", "return_sums", "temperature", "isolated")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     RETURN_SUMS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ISOLATED_FIELD_NUMBER: _ClassVar[int]
     input_ids: _common_pb2.RaggedTensor
     prompt_lengths: _containers.RepeatedScalarFieldContainer[int]
     return_sums: bool
     temperature: float
-    def __init__(self, input_ids: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ..., return_sums: _Optional[bool] = ..., temperature: _Optional[float] = ...) -> None: ...
+    isolated: bool
+    def __init__(self, input_ids: _Optional[_Union[_common_pb2.RaggedTensor, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ..., return_sums: _Optional[bool] = ..., temperature: _Optional[float] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class ComputeLogprobsResponse(_message.Message):
     __slots__ = ("logprobs", "sums")

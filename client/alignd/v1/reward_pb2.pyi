@@ -30,12 +30,14 @@ class ScoreItem(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("items", "scorer")
+    __slots__ = ("items", "scorer", "isolated")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
+    ISOLATED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
     scorer: str
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., scorer: _Optional[str] = ...) -> None: ...
+    isolated: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., scorer: _Optional[str] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "scorer")
@@ -60,12 +62,14 @@ class CompareItem(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response_a: _Optional[str] = ..., response_b: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("items", "scorer")
+    __slots__ = ("items", "scorer", "isolated")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
+    ISOLATED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[CompareItem]
     scorer: str
-    def __init__(self, items: _Optional[_Iterable[_Union[CompareItem, _Mapping]]] = ..., scorer: _Optional[str] = ...) -> None: ...
+    isolated: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[CompareItem, _Mapping]]] = ..., scorer: _Optional[str] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
     __slots__ = ("probabilities", "scores_a", "scores_b", "scorer")

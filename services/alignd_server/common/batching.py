@@ -4,11 +4,13 @@ Requests put their items on one queue; a single worker forms batches bounded by
 ``max_batch_size`` items and ``max_batch_tokens`` padded tokens, waiting at most ``max_wait_s``
 after the oldest item arrived for more to come. It takes a window of the oldest items, sorts it
 by length so items of similar length share a batch (less padding), and runs each batch on the
-process's one compute thread (never on the event loop). Items whose deadline passed or whose
-caller went away are dropped before they are computed. A full queue rejects new work with
-RESOURCE_EXHAUSTED (:meth:`DynamicBatcher.check_capacity` lets a caller refuse before it
-prepares its items). A batch that fails is retried item by item, so one item that breaks the
-model fails alone.
+process's one compute thread (never on the event loop). A request may ask to be *isolated*: its
+items are then batched only with each other, by the same rule, so the same request always
+gives the same batches (and bit-identical results) whatever else the server is doing. Items
+whose deadline passed or whose caller went away are dropped before they are computed. A full
+queue rejects new work with RESOURCE_EXHAUSTED (:meth:`DynamicBatcher.check_capacity` lets a
+caller refuse before it prepares its items). A batch that fails is retried item by item, so one
+item that breaks the model fails alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -92,6 +95,7 @@ class _Item:
     cost: int  # tokens (1 for items without tokens)
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
+    group: int | None = None  # an isolated request's items share a group, batched alone
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -130,6 +134,7 @@ class DynamicBatcher(Generic[P, R]):
         self.max_queue_size = max_queue_size
         self._metrics = metrics
         self._queue: deque[_Item] = deque()
+        self._groups = itertools.count()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
@@ -174,7 +179,12 @@ class DynamicBatcher(Generic[P, R]):
             )
 
     async def submit(
-        self, payloads: Sequence[P], costs: Sequence[int], deadline: float | None = None
+        self,
+        payloads: Sequence[P],
+        costs: Sequence[int],
+        deadline: float | None = None,
+        *,
+        isolated: bool = False,
     ) -> list[R]:
         """Queues ``payloads`` and waits for their results (in order).
 
@@ -182,6 +192,9 @@ class DynamicBatcher(Generic[P, R]):
             payloads: the items.
             costs: tokens of each item (padding is estimated from them).
             deadline: ``time.monotonic()`` after which unstarted items are dropped.
+            isolated: batch these items only with each other (never with another request's),
+                packed by the same rule from their own costs: the same request always gives the
+                same batches, and so bit-identical results.
 
         Raises:
             ResourceExhausted: the queue cannot take this many items now.
@@ -189,8 +202,9 @@ class DynamicBatcher(Generic[P, R]):
         """
         self.check_capacity(len(payloads))
         loop = asyncio.get_running_loop()
+        group = next(self._groups) if isolated else None
         items = [
-            _Item(p, max(1, int(c)), loop.create_future(), deadline)
+            _Item(p, max(1, int(c)), loop.create_future(), deadline, group)
             for p, c in zip(payloads, costs, strict=True)
         ]
         self._queue.extend(items)
@@ -231,18 +245,32 @@ class DynamicBatcher(Generic[P, R]):
                 return
 
     def _take_window(self) -> list[_Item]:
+        """The oldest items, up to a few batches' worth; an isolated group is never split."""
         window: list[_Item] = []
         limit = self.max_batch_size * WINDOW_BATCHES
         while self._queue and len(window) < limit:
-            window.append(self._queue.popleft())
+            item = self._queue.popleft()
+            window.append(item)
+            while item.group is not None and self._queue and self._queue[0].group == item.group:
+                window.append(self._queue.popleft())  # a group's items are queued together
         self._report_depth()
         return window
 
     def _pack(self, window: list[_Item]) -> list[list[_Item]]:
-        """Splits the window, sorted by cost, into batches within both limits."""
+        """Batches within both limits: the shared items of the window together, each isolated
+        group alone; the batch holding the oldest item goes first."""
+        groups: dict[int | None, list[_Item]] = {}
+        for item in window:
+            groups.setdefault(item.group, []).append(item)
+        batches = [batch for items in groups.values() for batch in self._pack_items(items)]
+        batches.sort(key=lambda b: min(i.enqueued for i in b))
+        return batches
+
+    def _pack_items(self, items: list[_Item]) -> list[list[_Item]]:
+        """``items``, sorted by cost (stably: equal costs keep their order), in batches."""
         batches: list[list[_Item]] = []
         current: list[_Item] = []
-        for item in sorted(window, key=lambda i: i.cost):
+        for item in sorted(items, key=lambda i: i.cost):
             padded = (len(current) + 1) * item.cost  # sorted: this item is the longest so far
             if current and (len(current) >= self.max_batch_size or padded > self.max_batch_tokens):
                 batches.append(current)
@@ -250,8 +278,6 @@ class DynamicBatcher(Generic[P, R]):
             current.append(item)
         if current:
             batches.append(current)
-        # The batch holding the oldest item goes first.
-        batches.sort(key=lambda b: min(i.enqueued for i in b))
         return batches
 
     def _live(self, batch: list[_Item]) -> list[_Item]:

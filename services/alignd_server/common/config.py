@@ -142,6 +142,11 @@ class ModelServerSettings(ServerSettings):
     """Parameter dtype; bfloat16/float16 only on GPU."""
     max_batch_size: int = Field(64, ge=1, le=65536)
     """Most items (prompts, sequences, pairs) accepted in one request."""
+    deterministic: bool = False
+    """Deterministic torch algorithms (``torch.use_deterministic_algorithms``; on CUDA also
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8``): the same batch gives bit-identical outputs on GPU
+    too, where some kernels are then slower. With jobs' ``deterministic: true`` (isolated
+    batches) runs repeat exactly."""
     max_sequence_length: int = Field(2048, ge=2, le=1_048_576)
     """Most tokens in one sequence (prompt plus completion); lowered at start to the model's
     position limit (``max_position_embeddings``) when that is smaller. Texts longer than

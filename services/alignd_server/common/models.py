@@ -10,6 +10,7 @@ by :func:`alignd.models.resolve_model` before they reach this module.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,15 @@ class LoadedModel:
             configured, self.name, self.max_positions, self.max_positions,
         )  # fmt: skip
         return self.max_positions
+
+
+def use_deterministic_algorithms() -> None:
+    """Makes this process's torch kernels deterministic (the ``deterministic`` setting): the
+    same inputs give bit-identical outputs. cuBLAS needs its workspace fixed before CUDA
+    starts, hence the environment variable (kept if the user set it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    logger.info("deterministic torch algorithms on")
 
 
 def resolve_dtype(name: str) -> torch.dtype:

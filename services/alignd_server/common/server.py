@@ -195,6 +195,10 @@ class Server:
             if self.metrics_port >= 0
             else "off",
         )
+        if getattr(self.settings, "deterministic", False):  # model services
+            from alignd_server.common.models import use_deterministic_algorithms
+
+            use_deterministic_algorithms()
         interval = trim_interval(self.settings.malloc_trim_interval_s)
         if interval > 0:
             self._trimming = asyncio.create_task(trim_periodically(interval))

@@ -40,10 +40,12 @@ class LogprobEngine:
         prompt_lengths: Sequence[int],
         temperature: float,
         deadline: float | None,
+        isolated: bool = False,
     ) -> list[np.ndarray]:
-        """(T_i - p_i,) float32 log softmax(logits / temperature) of each row's completion."""
+        """(T_i - p_i,) float32 log softmax(logits / temperature) of each row's completion
+        (``isolated``: batched only with each other)."""
         items = [(row, p, temperature) for row, p in zip(rows, prompt_lengths, strict=True)]
-        return await self.batcher.submit(items, [len(r) for r in rows], deadline)
+        return await self.batcher.submit(items, [len(r) for r in rows], deadline, isolated=isolated)
 
     def _run(self, items: list[tuple[np.ndarray, int, float]]) -> list[np.ndarray]:
         """Items of one temperature share a forward pass (temperature is almost always 1)."""

@@ -65,7 +65,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
         )
         prompts = prompt_lengths(request.prompt_lengths, rows, "prompt_lengths")
         logprobs = await engine.logprobs(
-            rows, prompts.tolist(), temperature(request), deadline_of(context)
+            rows, prompts.tolist(), temperature(request), deadline_of(context), request.isolated
         )
         response = reference_pb2.ComputeLogprobsResponse(
             logprobs=from_ragged(logprobs, common_pb2.DTYPE_FLOAT32)

@@ -79,8 +79,10 @@ class Scorer(Protocol):
     def check_capacity(self, count: int) -> None:
         """Raises ResourceExhausted now if ``count`` more items cannot be queued."""
 
-    async def score(self, inputs: Sequence[ScoreInput], deadline: float | None) -> np.ndarray:
-        """(N,) float32 scores of ``inputs``."""
+    async def score(
+        self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
+    ) -> np.ndarray:
+        """(N,) float32 scores of ``inputs`` (``isolated``: batched only with each other)."""
 
     def start(self) -> None:
         """Starts the scorer's batcher on the running loop."""
@@ -140,9 +142,11 @@ class ModelScorer:
             for item in inputs
         ]
 
-    async def score(self, inputs: Sequence[ScoreInput], deadline: float | None) -> np.ndarray:
+    async def score(
+        self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
+    ) -> np.ndarray:
         rows = await asyncio.to_thread(self.tokenize, inputs)
-        raw = await self.batcher.submit(rows, [len(r) for r in rows], deadline)
+        raw = await self.batcher.submit(rows, [len(r) for r in rows], deadline, isolated=isolated)
         return self.normalization.apply(np.asarray(raw, dtype=np.float32))
 
     def _run(self, rows: list[np.ndarray]) -> list[float]:
@@ -198,7 +202,9 @@ class FunctionScorer:
     def _run(self, inputs: list[ScoreInput]) -> list[float | Exception]:
         return [self._call(item) for item in inputs]
 
-    async def score(self, inputs: Sequence[ScoreInput], deadline: float | None) -> np.ndarray:
+    async def score(
+        self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
+    ) -> np.ndarray:
         limit = max_text_bytes(self.max_length)  # the bound a model scorer's tokenizer applies
         for item in inputs:
             check_text(item.response, item.response_field, limit)
@@ -206,7 +212,7 @@ class FunctionScorer:
             for text in texts:
                 check_text(text if isinstance(text, str) else text["content"],
                            item.prompt_field, limit)  # fmt: skip
-        results = await self.batcher.submit(inputs, [1] * len(inputs), deadline)
+        results = await self.batcher.submit(inputs, [1] * len(inputs), deadline, isolated=isolated)
         for result in results:
             if isinstance(result, Exception):
                 raise result

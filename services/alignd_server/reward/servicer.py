@@ -107,7 +107,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             )
             for i, item in enumerate(request.items)
         ]
-        scores = await scorer.score(inputs, deadline_of(context))
+        scores = await scorer.score(inputs, deadline_of(context), request.isolated)
         return reward_pb2.ScoreResponse(scores=scores.tolist(), scorer=scorer.name)
 
     async def Compare(
@@ -131,7 +131,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                         field,
                     )
                 )
-        scores = await scorer.score(inputs, deadline_of(context))
+        scores = await scorer.score(inputs, deadline_of(context), request.isolated)
         count = len(request.items)
         a, b = scores[:count].astype(np.float64), scores[count:].astype(np.float64)
         probabilities = 0.5 * (1.0 + np.tanh(0.5 * (a - b)))  # sigmoid(a - b), overflow-free

@@ -46,6 +46,7 @@ from alignd_server.common.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from alignd_server.common.models import use_deterministic_algorithms
 from alignd_server.common.server import configure_logging
 from alignd_server.trainer import restore
 from alignd_server.trainer.config import (
@@ -252,6 +253,8 @@ def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> int:
     """Ranks other than 0: run rank 0's commands until it says shut down."""
     # torchrun passes SIGTERM on to every rank; these leave when rank 0 has drained.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if settings.deterministic:
+        use_deterministic_algorithms()
     group = Group(settings, env)
     group.join()
     engine: TrainerEngine | None = None

@@ -331,3 +331,60 @@ def test_ppo_follows_generation_replicas_found_by_dns_when_one_is_replaced(serve
         with GenerationClient(f"{host}:{port}") as client:
             assert client.info().weights_version == 4, host  # v1 before round 1, then 2, 3, 4
     assert len(lookups) >= 2  # looked up again when the replica failed
+
+
+def test_a_deterministic_job_repeats_bit_for_bit_while_others_load_the_services(serve, tmp_path):
+    import random
+    import threading
+
+    from alignd import ReferenceClient
+
+    # Batches wait 100 ms to fill, so other callers' items would share the job's batches (and
+    # change their last bits: padding changes the matmul shapes) but for the isolation.
+    generation = serve("generation")
+    platform = Platform(
+        generation=generation.target, reward=serve("reward", max_wait_ms=100).target,
+        reference=serve("reference", max_wait_ms=100).target,
+        trainer=serve("trainer", push_targets=[generation.target]).target,
+    )  # fmt: skip
+
+    def config(name):  # the reward model scores (a model: its batches decide its last bits)
+        return PPOConfig(
+            data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+            rollout={"prompts_per_round": 4, "max_new_tokens": 6}, eval_every=1,
+            deterministic=True, **common(tmp_path, name),
+        )  # fmt: skip
+
+    def numbers(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+    quiet = run(config("quiet"), platform)
+    stop, sent = threading.Event(), []
+
+    def load():  # other callers: items of every length, all the time
+        rng = random.Random(0)
+        with (
+            RewardClient(platform.targets["reward"][0]) as reward,
+            ReferenceClient(platform.targets["reference"][0]) as reference,
+        ):
+            while not stop.is_set():
+                n = rng.randint(1, 5)
+                reward.score(
+                    ["a prompt " * rng.randint(1, 9)] * n, ["yes " * rng.randint(1, 20)] * n
+                )
+                rows = [list(range(5, 5 + rng.randint(3, 40))) for _ in range(n)]
+                reference.logprobs(rows, [2] * n)
+                sent.append(n)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        loaded = run(config("loaded"), platform)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    platform.close()
+    assert len(sent) > 10  # the services were busy with others throughout
+    assert numbers(loaded) == numbers(quiet)

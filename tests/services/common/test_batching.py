@@ -253,3 +253,38 @@ async def test_capacity_can_be_checked_before_the_items_are_prepared():
     finally:
         gate.set()
         await batcher.stop()
+
+
+async def test_an_isolated_request_is_batched_alone_whatever_arrives_with_it():
+    batcher, _ = make(Recorder(), max_batch_size=4, max_wait_s=0.2)
+    batcher.start()
+    try:
+        await asyncio.gather(
+            batcher.submit([1, 2, 3], [3, 1, 2], isolated=True),
+            batcher.submit([10, 11], [1, 1]),
+            batcher.submit([20, 21, 22], [2, 2, 2]),
+        )
+        alone = batcher._run.batches[:]
+        batcher._run.batches.clear()
+        await batcher.submit([1, 2, 3], [3, 1, 2], isolated=True)
+    finally:
+        await batcher.stop()
+    # The shared items mix (up to 4 a batch), the isolated ones form their own batch, sorted
+    # by cost, the same as when it came alone.
+    assert [2, 3, 1] in alone and batcher._run.batches == [[2, 3, 1]]
+    assert sorted(p for b in alone if b != [2, 3, 1] for p in b) == [10, 11, 20, 21, 22]
+
+
+async def test_a_large_isolated_request_is_not_split_by_the_window():
+    batcher, _ = make(Recorder(), max_batch_size=2, max_wait_s=0.05)
+    batcher.start()
+    try:
+        await asyncio.gather(
+            batcher.submit([100], [1]),
+            batcher.submit(list(range(12)), list(range(12, 0, -1)), isolated=True),
+        )
+    finally:
+        await batcher.stop()
+    groups = [b for b in batcher._run.batches if 100 not in b]
+    # 12 items > the window (2 x 4): still packed as one group, by its own costs.
+    assert sorted(groups) == [[1, 0], [3, 2], [5, 4], [7, 6], [9, 8], [11, 10]]
