@@ -1,7 +1,11 @@
-"""Services as local child processes, on loopback (tests, the demo, the local platform)."""
+"""Services as local child processes, on loopback (tests, the demo, the local platform): the
+one supervisor of alignd's processes — start, wait until they serve, stop (SIGTERM, then
+SIGKILL) — used for one service (:class:`LocalService`) and for several at once
+(:func:`wait_serving`, :func:`stop_all`, what ``Platform.local`` runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -9,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from alignd.clients import GenerationClient, ReferenceClient, RewardClient, TrainerClient
@@ -40,9 +45,13 @@ class LocalService:
 
     Args:
         role: ``generation``, ``reward``, ``reference`` or ``trainer``.
-        args: extra ``alignd serve`` flags, e.g. ``["--model", path]``.
+        args: more ``alignd serve`` flags, e.g. ``["--max-batch-size", "8"]``.
         log_file: where the service's output goes (default: inherited stderr).
         env: extra environment variables.
+        port: its gRPC port (default: a free one).
+        model: the model it serves (``--model``); None = the flags' or the service's default.
+        metrics_port: its Prometheus port (``--metrics-port``); None = the flags' or default.
+        stop_timeout: seconds between SIGTERM and SIGKILL in :meth:`stop`.
     """
 
     def __init__(
@@ -53,6 +62,8 @@ class LocalService:
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        model: str | None = None,
+        metrics_port: int | None = None,
         stop_timeout: float = 30.0,
     ) -> None:
         if role not in CLIENTS:
@@ -60,6 +71,8 @@ class LocalService:
         self.role = role
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.model = model
+        self.metrics_port = metrics_port
         self.args = list(args or [])
         self.log_file = log_file
         self.env = env or {}
@@ -81,6 +94,8 @@ class LocalService:
             "127.0.0.1",
             "--port",
             str(self.port),
+            *(["--model", self.model] if self.model is not None else []),
+            *(["--metrics-port", str(self.metrics_port)] if self.metrics_port is not None else []),
             *self.args,
         ]
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
@@ -99,27 +114,10 @@ class LocalService:
         """Starts the process and waits until the service reports SERVING."""
         self.launch()
         try:
-            self._wait_ready(ready_timeout)
+            wait_serving({self.role: self}, ready_timeout)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        """Polls health until SERVING; fails at once if the process exits."""
-        where = f"; see {self.log_file}" if self.log_file else ""
-        deadline = time.monotonic() + timeout
-        with self.client(timeout=10, retries=1) as client:
-            while time.monotonic() < deadline:
-                code = self.process.poll()
-                if code is not None:
-                    raise RuntimeError(f"{self.role} service exited with code {code}{where}")
-                try:
-                    if client.health(timeout=1.0) == "SERVING":
-                        return
-                except AligndError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.role} service not ready after {timeout:.0f}s{where}")
 
     def client(self, **kwargs) -> ClientBase:
         """A new client of this service (close it, or use ``with``)."""
@@ -145,3 +143,46 @@ class LocalService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_serving(services: Mapping[str, LocalService], timeout: float) -> None:
+    """Polls every service's health until all report SERVING; fails as soon as one exits.
+
+    Raises:
+        RuntimeError: a service exited (its code and log file named).
+        TimeoutError: not every one served within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    clients = {role: s.client(timeout=10, retries=1) for role, s in services.items()}
+    pending = dict(services)
+    try:
+        while pending:
+            for role, service in list(pending.items()):
+                code = service.process.poll()
+                if code is not None:
+                    where = f"; see {service.log_file}" if service.log_file else ""
+                    raise RuntimeError(f"{role} service exited with code {code}{where}")
+                with contextlib.suppress(AligndError):
+                    if clients[role].health(timeout=1.0) == "SERVING":
+                        del pending[role]
+            if pending and time.monotonic() > deadline:
+                logs = ", ".join(str(s.log_file) for s in pending.values() if s.log_file)
+                raise TimeoutError(
+                    f"not SERVING after {timeout:.0f}s: {', '.join(pending)}"
+                    + (f"; see {logs}" if logs else "")
+                )
+            if pending:
+                time.sleep(0.1)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def stop_all(services: Iterable[LocalService]) -> None:
+    """SIGTERM to every process at once, then each waited for (SIGKILL after its timeout)."""
+    services = [s for s in services if s.process is not None]
+    for service in services:
+        if service.process.poll() is None:
+            service.process.terminate()
+    for service in services:
+        service.stop()
