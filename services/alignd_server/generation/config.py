@@ -5,9 +5,19 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignd_server.common.config import StorageServerSettings
+
+#: Settings only the vllm engine reads; given to the hf engine, they are refused.
+VLLM_ONLY = (
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+)
+#: Settings only the hf engine reads.
+HF_ONLY = ("max_running_tokens",)
 
 
 class GenerationSettings(StorageServerSettings):
@@ -32,6 +42,39 @@ class GenerationSettings(StorageServerSettings):
     released; the serving weights are unchanged)."""
     update_timeout_s: float = Field(3600.0, gt=0)
     """Most seconds one UpdateWeights stream may take from its first message to its commit."""
+    swap_policy: Literal["wait", "restart"] = "wait"
+    """How a weight swap meets running requests: ``wait`` (new requests wait while the running
+    ones finish on the old weights, then the swap) or ``restart`` (running requests that have
+    streamed nothing are taken out, the weights swapped, and they run again from their start
+    on the new ones; streams already streaming are waited for). Either way every completion's
+    tokens come from the one version it reports."""
+    max_num_seqs: int = Field(256, ge=1, le=65536)
+    """Most rows (prompts x n) decoded together in one engine step; more wait. A request with
+    more rows than this runs when it is alone (hf), or in parts of this size (vllm)."""
+    max_running_tokens: int = Field(262144, ge=1)
+    """hf engine: most KV-cache tokens (prompt + max_new_tokens per row) of the running batch;
+    a request that would exceed it waits (one alone always runs)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vllm engine, GPU: fraction of the GPU's memory vLLM may use (weights, activations, KV
+    cache)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """vllm engine, GPU: GPUs one replica shards the model over (tensor parallel)."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """vllm engine: most tokens (prefill + decode) scheduled in one engine step; unset = vLLM's
+    default for the model."""
+    enable_prefix_caching: bool = True
+    """vllm engine: reuse the KV cache of shared prompt prefixes (reset on every weight swap)."""
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> GenerationSettings:
+        other = VLLM_ONLY if self.engine == "hf" else HF_ONLY
+        given = sorted(set(other) & self.model_fields_set)
+        if given:
+            raise ValueError(
+                f"{given[0]} is a setting of the {'vllm' if self.engine == 'hf' else 'hf'} "
+                f"engine; this server runs engine {self.engine!r}"
+            )
+        return self
 
 
 def vllm_environment() -> None:
