@@ -83,11 +83,12 @@ def evaluate_policy(
 
     KL(π ‖ π_ref) is estimated per completion as Σ_t (log π − log π_ref) over its tokens (k1,
     unbiased for samples drawn from π at temperature 1): π's log-probabilities come with the
-    samples, π_ref's from the reference service. ``isolated`` has the reward and reference
-    services batch these requests alone (bit-identical numbers whatever else they serve).
+    samples, π_ref's from the reference service. ``isolated`` has the generation, reward and
+    reference services batch these requests alone (bit-identical numbers whatever else they
+    serve).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=samples, seed=seed)
-    results = generation.generate(list(prompts), params)
+    results = generation.generate(list(prompts), params, isolated=isolated)
     flat = [(p, c) for p, group in zip(prompts, results, strict=True) for c in group]
     texts = [c.text for _, c in flat]
     rows = [np.concatenate([c.prompt_token_ids, c.token_ids]) for _, c in flat]

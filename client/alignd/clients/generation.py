@@ -146,12 +146,16 @@ class GenerationClient(TokenizingClient):
         prompts: Sequence[PromptLike],
         params: SamplingParams | None = None,
         *,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> list[list[Completion]]:
-        """n completions for each prompt (text, chat turns or token ids)."""
+        """n completions for each prompt (text, chat turns or token ids). ``isolated``: batched
+        with nothing else, so the same request gives the same bits whatever the server serves
+        (slower for everyone while it runs)."""
         request = generation_pb2.GenerateRequest(
             prompts=[prompt_to_proto(p) for p in prompts],
             params=(params or SamplingParams()).to_proto(),
+            isolated=isolated,
         )
         return _completions(self._call("Generate", request, timeout=timeout))
 
@@ -160,11 +164,14 @@ class GenerationClient(TokenizingClient):
         prompt: PromptLike,
         params: SamplingParams | None = None,
         *,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> Iterator[generation_pb2.GenerateStreamResponse]:
         """Streams the tokens of one prompt's completions as they are generated."""
         request = generation_pb2.GenerateStreamRequest(
-            prompt=prompt_to_proto(prompt), params=(params or SamplingParams()).to_proto()
+            prompt=prompt_to_proto(prompt),
+            params=(params or SamplingParams()).to_proto(),
+            isolated=isolated,
         )
         try:
             yield from self._stub.GenerateStream(request, timeout=timeout or self.timeout)
@@ -209,12 +216,14 @@ class AsyncGenerationClient(AsyncTokenizingClient):
         prompts: Sequence[PromptLike],
         params: SamplingParams | None = None,
         *,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> list[list[Completion]]:
         """See :meth:`GenerationClient.generate`."""
         request = generation_pb2.GenerateRequest(
             prompts=[prompt_to_proto(p) for p in prompts],
             params=(params or SamplingParams()).to_proto(),
+            isolated=isolated,
         )
         return _completions(await self._call("Generate", request, timeout=timeout))
 
@@ -223,11 +232,14 @@ class AsyncGenerationClient(AsyncTokenizingClient):
         prompt: PromptLike,
         params: SamplingParams | None = None,
         *,
+        isolated: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         """See :meth:`GenerationClient.stream`."""
         request = generation_pb2.GenerateStreamRequest(
-            prompt=prompt_to_proto(prompt), params=(params or SamplingParams()).to_proto()
+            prompt=prompt_to_proto(prompt),
+            params=(params or SamplingParams()).to_proto(),
+            isolated=isolated,
         )
         try:
             async for message in self._stub.GenerateStream(

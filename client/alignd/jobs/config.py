@@ -119,10 +119,11 @@ class JobConfig(_Strict):
     checkpoints, PushWeights): generous, since a step of a large model on a busy machine can
     take minutes; a dead trainer is noticed by keepalive long before."""
     deterministic: bool = False
-    """Reproducible mode: the reward and reference services batch this job's requests only
-    with each other (isolated requests), so two runs with the same seed give bit-identical
-    metrics whatever else the services serve; start the services with ``--deterministic`` for
-    deterministic torch algorithms (on GPU). Costs batching across callers, nothing else."""
+    """Reproducible mode: the generation, reward and reference services batch this job's
+    requests only with each other (isolated requests), so two runs with the same seed give
+    bit-identical metrics whatever else the services serve; start the services with
+    ``--deterministic`` for deterministic torch algorithms (on GPU). Costs batching across
+    callers (an isolated Generate runs alone on its replica), nothing else."""
     service_timeout_s: float = Field(600.0, gt=0)
     """Deadline of each call to generation, reward and reference (a round's Generate can take
     minutes on a CPU); such calls are retried for ``retry_seconds`` when they fail."""

@@ -159,7 +159,11 @@ class _Online(Job):
         )  # fmt: skip
         with self.phase("generation"):
             # The client is picked on each attempt: a retry follows rediscovered replicas.
-            samples = self.call(lambda: self.service("generation").generate(prompts, params))
+            samples = self.call(
+                lambda: self.service("generation").generate(
+                    prompts, params, isolated=c.deterministic
+                )
+            )
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]

@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61lignd/v1/generation.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x9a\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\t\n\x01n\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"`\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\"\x95\x01\n\nCompletion\x12$\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12\x0c\n\x04text\x18\x02 \x01(\t\x12#\n\x08logprobs\x18\x03 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.alignd.v1.FinishReason\"l\n\x11PromptCompletions\x12+\n\x10prompt_token_ids\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12*\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x15.alignd.v1.Completion\"Z\n\x10GenerateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.alignd.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x03\"e\n\x15GenerateStreamRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\"\xf6\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x08logprobs\x18\x04 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.alignd.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x06 \x01(\x03\x12+\n\x10prompt_token_ids\x18\x07 \x01(\x0b\x32\x11.alignd.v1.Tensor\"J\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.alignd.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"Y\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.alignd.v1.TensorSpec\x12\x0f\n\x07partial\x18\x03 \x01(\x08\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"$\n\rWeightsCommit\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\"\x9f\x01\n\x14UpdateWeightsRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.alignd.v1.WeightsHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.alignd.v1.TensorChunkH\x00\x12*\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x18.alignd.v1.WeightsCommitH\x00\x42\x06\n\x04part\"r\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0ftensors_updated\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0f\n\x07partial\x18\x05 \x01(\x08\"D\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07partial\x18\x03 \x01(\x08\"`\n\x0eGenerationInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\xdd\x03\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.alignd.v1.GenerateRequest\x1a\x1b.alignd.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .alignd.v1.GenerateStreamRequest\x1a!.alignd.v1.GenerateStreamResponse0\x01\x12T\n\rUpdateWeights\x12\x1f.alignd.v1.UpdateWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse(\x01\x12N\n\x0bLoadWeights\x12\x1d.alignd.v1.LoadWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse\x12\x43\n\x08Tokenize\x12\x1a.alignd.v1.TokenizeRequest\x1a\x1b.alignd.v1.TokenizeResponse\x12?\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x19.alignd.v1.GenerationInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61lignd/v1/generation.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x9a\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\t\n\x01n\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12 \n\x13skip_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x16\n\x14_skip_special_tokens\"r\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\x12\x10\n\x08isolated\x18\x03 \x01(\x08\"\x95\x01\n\nCompletion\x12$\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12\x0c\n\x04text\x18\x02 \x01(\t\x12#\n\x08logprobs\x18\x03 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.alignd.v1.FinishReason\"l\n\x11PromptCompletions\x12+\n\x10prompt_token_ids\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12*\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x15.alignd.v1.Completion\"Z\n\x10GenerateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.alignd.v1.PromptCompletions\x12\x17\n\x0fweights_version\x18\x02 \x01(\x03\"w\n\x15GenerateStreamRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.alignd.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\x12\x10\n\x08isolated\x18\x03 \x01(\x08\"\xf6\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x08logprobs\x18\x04 \x01(\x0b\x32\x11.alignd.v1.Tensor\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.alignd.v1.FinishReason\x12\x17\n\x0fweights_version\x18\x06 \x01(\x03\x12+\n\x10prompt_token_ids\x18\x07 \x01(\x0b\x32\x11.alignd.v1.Tensor\"J\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.alignd.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"Y\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.alignd.v1.TensorSpec\x12\x0f\n\x07partial\x18\x03 \x01(\x08\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"$\n\rWeightsCommit\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\"\x9f\x01\n\x14UpdateWeightsRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.alignd.v1.WeightsHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.alignd.v1.TensorChunkH\x00\x12*\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x18.alignd.v1.WeightsCommitH\x00\x42\x06\n\x04part\"r\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0ftensors_updated\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0f\n\x07partial\x18\x05 \x01(\x08\"D\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07partial\x18\x03 \x01(\x08\"`\n\x0eGenerationInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x17\n\x0fweights_version\x18\x03 \x01(\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x32\xdd\x03\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.alignd.v1.GenerateRequest\x1a\x1b.alignd.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .alignd.v1.GenerateStreamRequest\x1a!.alignd.v1.GenerateStreamResponse0\x01\x12T\n\rUpdateWeights\x12\x1f.alignd.v1.UpdateWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse(\x01\x12N\n\x0bLoadWeights\x12\x1d.alignd.v1.LoadWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse\x12\x43\n\x08Tokenize\x12\x1a.alignd.v1.TokenizeRequest\x1a\x1b.alignd.v1.TokenizeResponse\x12?\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x19.alignd.v1.GenerationInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1864
-  _globals['_FINISHREASON']._serialized_end=1982
+  _globals['_FINISHREASON']._serialized_start=1900
+  _globals['_FINISHREASON']._serialized_end=2018
   _globals['_SAMPLINGPARAMS']._serialized_start=66
   _globals['_SAMPLINGPARAMS']._serialized_end=348
   _globals['_GENERATEREQUEST']._serialized_start=350
-  _globals['_GENERATEREQUEST']._serialized_end=446
-  _globals['_COMPLETION']._serialized_start=449
-  _globals['_COMPLETION']._serialized_end=598
-  _globals['_PROMPTCOMPLETIONS']._serialized_start=600
-  _globals['_PROMPTCOMPLETIONS']._serialized_end=708
-  _globals['_GENERATERESPONSE']._serialized_start=710
-  _globals['_GENERATERESPONSE']._serialized_end=800
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=802
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=903
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=906
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1152
-  _globals['_TENSORSPEC']._serialized_start=1154
-  _globals['_TENSORSPEC']._serialized_end=1228
-  _globals['_WEIGHTSHEADER']._serialized_start=1230
-  _globals['_WEIGHTSHEADER']._serialized_end=1319
-  _globals['_TENSORCHUNK']._serialized_start=1321
-  _globals['_TENSORCHUNK']._serialized_end=1378
-  _globals['_WEIGHTSCOMMIT']._serialized_start=1380
-  _globals['_WEIGHTSCOMMIT']._serialized_end=1416
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1419
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1578
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1580
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1694
-  _globals['_LOADWEIGHTSREQUEST']._serialized_start=1696
-  _globals['_LOADWEIGHTSREQUEST']._serialized_end=1764
-  _globals['_GENERATIONINFO']._serialized_start=1766
-  _globals['_GENERATIONINFO']._serialized_end=1862
-  _globals['_GENERATIONSERVICE']._serialized_start=1985
-  _globals['_GENERATIONSERVICE']._serialized_end=2462
+  _globals['_GENERATEREQUEST']._serialized_end=464
+  _globals['_COMPLETION']._serialized_start=467
+  _globals['_COMPLETION']._serialized_end=616
+  _globals['_PROMPTCOMPLETIONS']._serialized_start=618
+  _globals['_PROMPTCOMPLETIONS']._serialized_end=726
+  _globals['_GENERATERESPONSE']._serialized_start=728
+  _globals['_GENERATERESPONSE']._serialized_end=818
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=820
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=939
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=942
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1188
+  _globals['_TENSORSPEC']._serialized_start=1190
+  _globals['_TENSORSPEC']._serialized_end=1264
+  _globals['_WEIGHTSHEADER']._serialized_start=1266
+  _globals['_WEIGHTSHEADER']._serialized_end=1355
+  _globals['_TENSORCHUNK']._serialized_start=1357
+  _globals['_TENSORCHUNK']._serialized_end=1414
+  _globals['_WEIGHTSCOMMIT']._serialized_start=1416
+  _globals['_WEIGHTSCOMMIT']._serialized_end=1452
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1455
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1614
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1616
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1730
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=1732
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=1800
+  _globals['_GENERATIONINFO']._serialized_start=1802
+  _globals['_GENERATIONINFO']._serialized_end=1898
+  _globals['_GENERATIONSERVICE']._serialized_start=2021
+  _globals['_GENERATIONSERVICE']._serialized_end=2498
 # @@protoc_insertion_point(module_scope)

@@ -102,9 +102,15 @@ class SwapGate:
     requests wait behind it. Everything runs on the event loop's thread.
     """
 
-    def __init__(self, policy: SwapPolicy, on_swap_wait: Callable[[float], None]) -> None:
+    def __init__(
+        self,
+        policy: SwapPolicy,
+        on_swap_wait: Callable[[float], None] = lambda seconds: None,
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
         self.policy = policy
         self._on_swap_wait = on_swap_wait
+        self._on_restart = on_restart
         self._running: set[_Entry] = set()
         self._exclusive = 0  # exclusive holders and waiters
         self._open = asyncio.Event()  # no exclusive holder or waiter
@@ -157,6 +163,7 @@ class SwapGate:
                         if entry.restartable and not entry.task.done():
                             entry.restarted = True
                             entry.task.cancel()
+                            self._on_restart()
                 while self._running:
                     await self._idle.wait()
                 if swap:

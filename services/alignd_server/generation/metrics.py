@@ -6,7 +6,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd_server.common.batching import SIZE_BUCKETS, TIME_BUCKETS
 
-
 ABORT_REASONS = ("cancelled", "deadline", "shutdown", "restart")
 """Why a request left the engine before its end: its caller cancelled, its deadline passed,
 the server stopped, or a weight swap under ``swap_policy: restart`` took it out (it runs

@@ -1,4 +1,11 @@
-"""GenerationService servicer: proto <-> domain only."""
+"""GenerationService servicer: proto <-> domain, the row queue limit, and the swap gate.
+
+Requests pass :class:`~alignd_server.generation.engine.SwapGate` into the engine (continuous
+batching across callers); weight updates take the gate alone, so every completion reports the
+one version all its tokens came from. A caller that goes away or whose deadline passes has its
+request taken out of the engine (grpc.aio cancels the handler; the engine drops the rows at its
+next step).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from grpc import aio
 from alignd.clients.generation import ACCEPTED_KEY
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from alignd_server.common.errors import Aborted, InvalidArgument, ResourceExhausted
+from alignd_server.common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
 from alignd_server.common.metrics import ServerMetrics
@@ -22,7 +29,8 @@ from alignd_server.common.tokenization import tokenize
 from alignd_server.common.tokenize_rpc import prompt_from_proto, serve_tokenize
 from alignd_server.common.validation import check_version
 from alignd_server.generation.config import GenerationSettings
-from alignd_server.generation.hf_engine import HFEngine, Output
+from alignd_server.generation.engine import EngineLoad, GenerationEngine, Output, SwapGate
+from alignd_server.generation.hf_engine import HFEngine
 from alignd_server.generation.metrics import GenerationMetrics
 from alignd_server.generation.sampling import Sampling, sampling_from_proto
 from alignd_server.generation.weights import (
@@ -34,6 +42,7 @@ from alignd_server.generation.weights import (
     read_directory,
 )
 
+_IDLE = EngineLoad(0, 0, 0, 0)
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 FINISH = {
     "eos": generation_pb2.FINISH_REASON_EOS,
@@ -61,10 +70,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.holder = ModelHolder("policy")
         self.started_at = time.time()
         self.metrics = GenerationMetrics(metrics.registry)
-        self.engine: HFEngine | None = None
+        self.engine: GenerationEngine | None = None
         self.roots = StorageRoots(settings.storage_root)
         self._updating = asyncio.Lock()
         self._queued_rows = 0  # rows (prompts x n) of the requests in generation or waiting
+        self._queued_requests = 0
+        self.gate = SwapGate(
+            settings.swap_policy,
+            on_swap_wait=self.metrics.swap_wait.observe,
+            on_restart=self.metrics.aborted.labels("restart").inc,
+        )
+        self.metrics.running.set_function(lambda: self._load().running_requests)
+        self.metrics.waiting.set_function(
+            lambda: max(0, self._queued_requests - self._load().running_requests)
+        )
+
+    def _load(self):
+        engine = self.engine
+        return engine.load() if engine is not None else _IDLE
 
     def register(self, server: aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
@@ -76,17 +99,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if self.settings.engine == "vllm":
             from alignd_server.generation.vllm_engine import VLLMEngine
 
-            self.engine = await in_daemon_thread(lambda: VLLMEngine(loaded, self.settings))
+            self.engine = await in_daemon_thread(
+                lambda: VLLMEngine(loaded, self.settings, self.metrics)
+            )
         else:
-            self.engine = HFEngine(loaded)
+            self.engine = HFEngine(loaded, self.settings, self.metrics)
 
     async def stop(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "close"):
+        if self.engine is not None:
             await self.engine.close()
         self.engine = None
         self.holder.loaded = None
 
-    def _engine(self) -> HFEngine:
+    def _engine(self) -> GenerationEngine:
         self.holder.require()
         return self.engine
 
@@ -123,6 +148,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics.batch_size.observe(sum(len(group) for group in outputs))
         self.metrics.tokens_per_second.set(tokens / max(time.perf_counter() - start, 1e-9))
 
+    async def _serve(self, call, context, *, restartable: bool, isolated: bool):
+        """``call()`` through the gate, counting requests the engine drops before their end."""
+        try:
+            return await self.gate.run(call, restartable=restartable, isolated=isolated)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            self.metrics.aborted.labels("deadline" if expired else "cancelled").inc()
+            raise
+        except Unavailable:
+            self.metrics.aborted.labels("shutdown").inc()
+            raise
+
     @contextlib.contextmanager
     def _queued(self, rows: int) -> Iterator[None]:
         """Counts ``rows`` against max_queue_size while a request waits or generates."""
@@ -132,10 +170,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 f"{self._queued_rows} rows queued, limit max_queue_size {limit}; retry later"
             )
         self._queued_rows += rows
+        self._queued_requests += 1
         try:
             yield
         finally:
             self._queued_rows -= rows
+            self._queued_requests -= 1
 
     def _check_work(self, prompts: list, sampling: Sampling, field: str) -> None:
         """The request's rows (prompts x n) must fit max_request_tokens in the KV cache."""
@@ -164,12 +204,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prompts = await asyncio.to_thread(self._prompts, request.prompts, sampling)
             self._check_work(prompts, sampling, "prompts")
             start = time.perf_counter()
-            first: list[float] = []
-            outputs, version = await engine.generate(
-                prompts, sampling, lambda *_: first or first.append(time.perf_counter())
+
+            async def call():  # the version cannot change while the request is inside
+                return await engine.generate(prompts, sampling, None), engine.version
+
+            outputs, version = await self._serve(
+                call, context, restartable=True, isolated=request.isolated
             )
-        if first:
-            self.metrics.first_token.observe(first[0] - start)
         self._record(outputs, prompts, start)
         return generation_pb2.GenerateResponse(
             results=[
@@ -189,12 +230,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         sampling = self._sampling(request.params)
         self._check_work([()], sampling, "prompt")
         with self._queued(sampling.n):
-            async with contextlib.aclosing(self._stream(engine, request.prompt, sampling)) as s:
-                async for message in s:
+            stream = self._stream(engine, request.prompt, sampling, context, request.isolated)
+            async with contextlib.aclosing(stream) as messages:
+                async for message in messages:
                     yield message
 
     async def _stream(
-        self, engine, prompt_message, sampling: Sampling
+        self, engine, prompt_message, sampling: Sampling, context, isolated: bool
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         (prompt,) = await asyncio.to_thread(self._prompts, [prompt_message], sampling, "prompt")
         self._check_work([prompt], sampling, "prompt")
@@ -203,10 +245,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         rows: list[list[int]] = [[] for _ in range(sampling.n)]
         texts = [""] * sampling.n  # text decoded so far, per sample
 
-        def on_step(row: int, token: int, logprob: float) -> None:
+        def on_token(row: int, token: int, logprob: float) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (row, token, logprob))
 
-        task = asyncio.ensure_future(engine.generate([prompt], sampling, on_step))
+        start = time.perf_counter()
+        version = [engine.version]
+
+        async def call():  # streams are not restarted: their tokens are already out
+            version[0] = engine.version
+            return await engine.generate([prompt], sampling, on_token)
+
+        task = asyncio.ensure_future(
+            self._serve(call, context, restartable=False, isolated=isolated)
+        )
         task.add_done_callback(lambda _: loop.call_soon(events.put_nowait, None))
         first = True
         tokenizer = self.holder.require().tokenizer
@@ -224,18 +275,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     token_ids=from_numpy([token], common_pb2.DTYPE_INT32),
                     text=after[len(before) :] if after.startswith(before) else after,
                     logprobs=from_numpy([logprob], common_pb2.DTYPE_FLOAT32),
-                    weights_version=engine.version,
+                    weights_version=version[0],
                 )
                 if first:
                     message.prompt_token_ids.CopyFrom(from_numpy(prompt))
                     first = False
                 yield message
-            outputs, version = task.result()
+            outputs = task.result()
+            self._record(outputs, [prompt], start)
             for index, output in enumerate(outputs[0]):
                 yield generation_pb2.GenerateStreamResponse(
                     index=index,
                     finish_reason=FINISH[output.finish_reason],
-                    weights_version=version,
+                    weights_version=version[0],
                 )
         finally:
             task.cancel()
@@ -266,7 +318,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             except InvalidArgument:
                 await drain(messages)  # the sender is still writing: let it finish, so that
                 raise  # it reads this status rather than a failed write
-            await engine.swap(tensors, assembler.header.version)
+            async with self.gate.exclusive():
+                await engine.swap(tensors, assembler.header.version)
             return self._updated(
                 assembler.header.version, len(tensors), assembler.total, start,
                 assembler.header.partial,
@@ -301,7 +354,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             tensors, size = await asyncio.to_thread(
                 read_directory, directory, self.roots, params, request.partial
             )
-            await engine.swap(tensors, request.version)
+            async with self.gate.exclusive():
+                await engine.swap(tensors, request.version)
             return self._updated(request.version, len(tensors), size, start, request.partial)
 
     def _updated(

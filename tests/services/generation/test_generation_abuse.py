@@ -243,14 +243,14 @@ async def test_the_queue_limit_is_enforced_before_tokenizing(serve, monkeypatch)
     from alignd_server.generation.hf_engine import HFEngine
 
     entered, gate = threading.Event(), threading.Event()
-    original = HFEngine._generate
+    original = HFEngine._prefill
 
     def gated(self, *args):
         entered.set()
         gate.wait(30)
         return original(self, *args)
 
-    monkeypatch.setattr(HFEngine, "_generate", gated)
+    monkeypatch.setattr(HFEngine, "_prefill", gated)
     server = serve("generation", engine="hf", max_queue_size=2)
     params = SamplingParams(max_new_tokens=2, n=2)
     try:
@@ -278,3 +278,9 @@ def test_settings_a_service_does_not_use_are_refused():
                       (TrainerSettings, "max_wait_ms")]:  # fmt: skip
         with pytest.raises(ValidationError, match=name):
             cls(**{name: 5})
+    for name in ["gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens",
+                 "enable_prefix_caching"]:  # fmt: skip
+        with pytest.raises(ValidationError, match=f"{name} is a setting of the vllm engine"):
+            GenerationSettings(**{name: 1})
+    with pytest.raises(ValidationError, match="max_running_tokens is a setting of the hf engine"):
+        GenerationSettings(engine="vllm", max_running_tokens=5)
