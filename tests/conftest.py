@@ -19,12 +19,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=["hf", "vllm"],
         help="generation engine the generation service tests run against",
     )
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="torch device the served models run on (e.g. cuda); tests may override it",
+    )
+    parser.addoption(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype of served and trained models; comparisons with values computed "
+        "along another path take that dtype's tolerance",
+    )
 
 
 @pytest.fixture(scope="session")
 def engine(request: pytest.FixtureRequest) -> str:
     """The generation engine under test (``--engine``)."""
     return request.config.getoption("--engine")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """The torch device of served models (``--device``, default ``cpu``)."""
+    return request.config.getoption("--device")
+
+
+@pytest.fixture(scope="session")
+def dtype(request: pytest.FixtureRequest) -> str:
+    """The parameter dtype of served and trained models (``--dtype``, default ``float32``)."""
+    return request.config.getoption("--dtype")
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +81,13 @@ def storage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def serve(tiny_models, storage_root) -> Iterator[Any]:
+def serve(tiny_models, storage_root, device, dtype) -> Iterator[Any]:
     """``serve(role, **settings)`` starts a real server for ``role`` on 127.0.0.1 (free ports,
     tiny model) in a background thread; every server is stopped after the test. Services that
     take paths get this session's temporary directory (tiny models, every ``tmp_path``) as their
-    storage root."""
-    from alignd_server.common.config import StorageServerSettings
+    storage root; services that hold a model get ``--device`` and ``--dtype`` unless ``settings``
+    name their own."""
+    from alignd_server.common.config import ModelServerSettings, StorageServerSettings
     from alignd_server.common.testing import ServerThread
     from alignd_server.launch import ROLES, build_server
 
@@ -76,6 +101,8 @@ def serve(tiny_models, storage_root) -> Iterator[Any]:
         values["model"] = str(model)
         if issubclass(settings_cls, StorageServerSettings):
             values["storage_root"] = [root]
+        if issubclass(settings_cls, ModelServerSettings):
+            values.update(device=device, dtype=dtype)
         values.update(overrides)
         thread = ServerThread(build_server(role, settings_cls(**values))).start()
         running.append(thread)

@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 
 from alignd import TrainBatch, TrainerClient, losses
 from alignd.local import LocalService, free_port
+from alignd_server.trainer import parallel
+from alignd_server.trainer.config import RankEnvironment, TrainerSettings
 from alignd_server.trainer.engine import Batch
-from alignd_server.trainer.parallel import decode_batch, encode_batch, shard
+from alignd_server.trainer.parallel import Group, decode_batch, encode_batch, shard
 
 ROWS = [np.arange(5, 5 + n, dtype=np.int32) for n in (6, 4, 7, 5, 8, 3)]
 
@@ -50,6 +52,34 @@ def test_kto_kl_rows_go_to_every_rank():
                   sequence_inputs={"kl_rows": kl, "labels": np.arange(6.0)})  # fmt: skip
     parts = [shard(batch, "kto", r, 2) for r in range(2)]
     assert [p.sequence_inputs["labels"].tolist() for p in parts] == [[0, 1, 2, 4], [2, 3, 4, 5]]
+
+
+def test_a_group_of_one_rank_sums_and_reduces_gradients_to_what_it_holds(device, monkeypatch):
+    """One rank joins a real group (NCCL with ``--device cuda``, gloo on CPU): sums over the
+    ranks and the bucketed gradient all-reduce give back exactly its own values, and a
+    parameter without a gradient gets zeros."""
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                        "RANK": "0", "WORLD_SIZE": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(parallel, "BUCKET", 5)  # buckets of 3 + 1, 8 alone, then 6
+    group = Group(TrainerSettings(device=device), RankEnvironment(rank=0, world_size=1))
+    assert group.backend == ("nccl" if device.startswith("cuda") else "gloo")
+    group.join()
+    try:
+        torch.manual_seed(0)
+        shapes = [(3,), (1,), (2, 4), (6,)]
+        params = [torch.nn.Parameter(torch.randn(s, device=group.device)) for s in shapes]
+        grads = [torch.randn_like(p) for p in params[:3]]
+        for p, g in zip(params[:3], grads, strict=True):
+            p.grad = g.clone()
+        group.reduce_gradients(params)
+        for p, g in zip(params[:3], grads, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+        assert torch.equal(params[3].grad, torch.zeros(6, device=group.device))
+        assert group.sum([1.5, -2.0, 0.25]) == [1.5, -2.0, 0.25]
+        group.agree(None)  # no rank failed: nothing raised
+    finally:
+        group.close()
 
 
 def _run(trainer: TrainerClient, model, checkpoint) -> dict:

@@ -51,7 +51,7 @@ def push(trainer, address: str, version: int = 1, **fields):
 
 
 def test_push_weights_never_contacts_a_target_that_is_not_allowed(
-    serve, tiny_models, tmp_path, listener
+    serve, tiny_models, tmp_path, listener, dtype
 ):
     token = tmp_path / "push-token"
     token.write_text("s3cret-push-token\n")
@@ -59,7 +59,7 @@ def test_push_weights_never_contacts_a_target_that_is_not_allowed(
     host, port = listener.getsockname()
     trainer_server = serve("trainer", push_targets=[generation.target], push_token_file=str(token))
     with TrainerClient(trainer_server.target) as trainer:
-        initialize(trainer, tiny_models.causal_lm)
+        initialize(trainer, tiny_models.causal_lm, dtype=dtype)
         for address, why in [
             (f"{host}:{port}", "is not an allowed push target"),
             (f"localhost:{port}", "is not an allowed push target"),
@@ -77,12 +77,12 @@ def test_push_weights_never_contacts_a_target_that_is_not_allowed(
         assert client.info().weights_version == 1
 
 
-def test_a_listed_dns_name_allows_the_addresses_it_resolves_to(serve, tiny_models):
+def test_a_listed_dns_name_allows_the_addresses_it_resolves_to(serve, tiny_models, dtype):
     generation = serve("generation")
     port = generation.target.rsplit(":", 1)[1]
     trainer_server = serve("trainer", push_targets=[f"localhost:{port}"])
     with TrainerClient(trainer_server.target) as trainer:
-        initialize(trainer, tiny_models.causal_lm)
+        initialize(trainer, tiny_models.causal_lm, dtype=dtype)
         (result,) = push(trainer, f"127.0.0.1:{port}").results  # what localhost resolves to
         assert result.ok, result.error
         with pytest.raises(InvalidArgumentError, match="not an allowed push target"):
@@ -101,9 +101,9 @@ def test_push_targets_are_checked_when_the_trainer_starts():
 
 
 @pytest.fixture
-def trainer(serve, tiny_models, storage_root):
+def trainer(serve, tiny_models, storage_root, dtype):
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.causal_lm)
+        initialize(client, tiny_models.causal_lm, dtype=dtype)
         yield client
 
 
@@ -161,10 +161,12 @@ def test_save_checkpoint_only_replaces_an_alignd_checkpoint(trainer, tmp_path):
     assert json.loads((tmp_path / "ckpt" / "alignd_checkpoint.json").read_text())["step"] == 1
 
 
-def test_shared_path_under_a_regular_file_is_an_invalid_argument(serve, tiny_models, tmp_path):
+def test_shared_path_under_a_regular_file_is_an_invalid_argument(
+    serve, tiny_models, tmp_path, dtype
+):
     (tmp_path / "file").write_text("x")
     with TrainerClient(serve("trainer", push_targets=["127.0.0.1:1"]).target) as trainer:
-        initialize(trainer, tiny_models.causal_lm)
+        initialize(trainer, tiny_models.causal_lm, dtype=dtype)
         with pytest.raises(InvalidArgumentError, match="shared_path: cannot make"):
             push(trainer, "127.0.0.1:1", shared_path=str(tmp_path / "file" / "weights"))
 

@@ -16,15 +16,27 @@ F32, I32 = common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_INT32
 ROWS = [np.array([5, 6, 7, 8, 9, 10], np.int32), np.array([11, 12, 13, 14, 15, 16], np.int32)]
 PROMPTS = [2, 3]
 SFT = trainer_pb2.Loss(cross_entropy=trainer_pb2.CrossEntropyLoss())
+REDUCED_PRECISION_ATOL = {"bfloat16": 5e-2, "float16": 1e-2}
+"""Under ``--dtype bfloat16`` or ``float16``: the absolute tolerance of a comparison between
+values that reach the dtype's rounding along different paths (a float64 formula, another
+service's kernels and batch shapes, merged LoRA weights) — a few rounding steps of the dtype
+(8 and 11 significant bits) at the size of the values compared, log-probs and losses of a few
+nats. Comparisons of one path with itself (resume, unchanged weights) stay exact."""
 
 
 def batch(rows=ROWS, prompts=PROMPTS, **fields) -> trainer_pb2.Batch:
     return trainer_pb2.Batch(input_ids=from_ragged(rows, I32), prompt_lengths=prompts, **fields)
 
 
-def initialize(client, path, kind=trainer_pb2.MODEL_KIND_CAUSAL_LM, lr=1e-2):
+def atol(dtype: str, float32: float) -> float:
+    """``float32``, the test's own tolerance, under float32; the dtype's otherwise."""
+    return float32 if dtype == "float32" else REDUCED_PRECISION_ATOL[dtype]
+
+
+def initialize(client, path, kind=trainer_pb2.MODEL_KIND_CAUSAL_LM, lr=1e-2, dtype=""):
+    optimizer = trainer_pb2.AdamWConfig(lr=lr)
     request = trainer_pb2.InitializeRequest(
-        model_path=str(path), kind=kind, optimizer=trainer_pb2.AdamWConfig(lr=lr), seed=1
+        model_path=str(path), kind=kind, dtype=dtype, optimizer=optimizer, seed=1
     )
     return client._call("Initialize", request)
 
@@ -54,14 +66,15 @@ def test_primitives_need_initialize_first(serve):
             client._call("OptimStep", trainer_pb2.OptimStepRequest())
 
 
-def test_cross_entropy_step_matches_the_formula_and_learns(serve, tiny_models):
+def test_cross_entropy_step_matches_the_formula_and_learns(serve, tiny_models, dtype):
     with TrainerClient(serve("trainer").target) as client:
-        response = initialize(client, tiny_models.causal_lm)
+        response = initialize(client, tiny_models.causal_lm, dtype=dtype)
         assert response.trainable_parameters > 0
         first = client._call(
             "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=batch(), loss=SFT)
         )
-        assert first.loss == pytest.approx(nll(tiny_models.causal_lm, ROWS, PROMPTS), abs=1e-5)
+        expected = nll(tiny_models.causal_lm, ROWS, PROMPTS)
+        assert first.loss == pytest.approx(expected, abs=atol(dtype, 1e-5))
         assert (first.num_tokens, first.accumulated_batches) == (7, 1)
         step = client._call("OptimStep", trainer_pb2.OptimStepRequest())
         assert (step.step, step.learning_rate) == (1, pytest.approx(1e-2))
@@ -79,8 +92,8 @@ def test_cross_entropy_step_matches_the_formula_and_learns(serve, tiny_models):
         assert (state.initialized, state.step, state.accumulated_batches) == (True, 6, 1)
 
 
-def params_after(client, path, requests) -> dict[str, np.ndarray]:
-    initialize(client, path)
+def params_after(client, path, requests, dtype) -> dict[str, np.ndarray]:
+    initialize(client, path, dtype=dtype)
     for request in requests:
         client._call("ForwardBackward", request)
     client._call("OptimStep", trainer_pb2.OptimStepRequest())
@@ -91,7 +104,7 @@ def params_after(client, path, requests) -> dict[str, np.ndarray]:
     return [r.copy() for r in to_ragged(probe.logprobs)]
 
 
-def test_accumulating_two_halves_equals_one_full_batch(serve, tiny_models):
+def test_accumulating_two_halves_equals_one_full_batch(serve, tiny_models, dtype):
     prompts = [2, 2]  # equal token counts: the mean of the half means is the full mean
     full = trainer_pb2.ForwardBackwardRequest(batch=batch(prompts=prompts), loss=SFT)
     halves = [
@@ -99,29 +112,31 @@ def test_accumulating_two_halves_equals_one_full_batch(serve, tiny_models):
         for r in ROWS
     ]
     with TrainerClient(serve("trainer").target) as client:
-        one = params_after(client, tiny_models.causal_lm, [full])
-        two = params_after(client, tiny_models.causal_lm, halves)
+        one = params_after(client, tiny_models.causal_lm, [full], dtype)
+        two = params_after(client, tiny_models.causal_lm, halves, dtype)
     for a, b in zip(one, two, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=atol(dtype, 1e-6))
 
 
-def test_forward_logprobs_equal_the_reference_service(serve, tiny_models):
+def test_forward_logprobs_equal_the_reference_service(serve, tiny_models, dtype):
     with TrainerClient(serve("trainer").target) as trainer:
-        initialize(trainer, tiny_models.causal_lm)
+        initialize(trainer, tiny_models.causal_lm, dtype=dtype)
         outputs = [trainer_pb2.FORWARD_OUTPUT_LOGPROBS, trainer_pb2.FORWARD_OUTPUT_ENTROPY]
         got = trainer._call("Forward", trainer_pb2.ForwardRequest(batch=batch(), outputs=outputs))
     with ReferenceClient(serve("reference").target) as reference:
         expected = reference.logprobs(ROWS, PROMPTS)
     for a, b in zip(to_ragged(got.logprobs), expected, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=atol(dtype, 1e-5))
     assert all((e > 0).all() for e in to_ragged(got.entropy))
 
 
-def test_reward_model_bradley_terry(serve, tiny_models):
+def test_reward_model_bradley_terry(serve, tiny_models, dtype):
     loss = trainer_pb2.Loss(bradley_terry=trainer_pb2.BradleyTerryLoss())
     pairs = batch([ROWS[0], ROWS[1]], [0, 0])
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.classifier, trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER)
+        initialize(
+            client, tiny_models.classifier, trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER, dtype=dtype
+        )
         rewards = client._call(
             "Forward",
             trainer_pb2.ForwardRequest(batch=pairs, outputs=[trainer_pb2.FORWARD_OUTPUT_REWARDS]),
@@ -130,7 +145,8 @@ def test_reward_model_bradley_terry(serve, tiny_models):
         response = client._call(
             "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=pairs, loss=loss)
         )
-    assert response.loss == pytest.approx(float(np.log1p(np.exp(-(r[0] - r[1])))), abs=1e-5)
+    expected = float(np.log1p(np.exp(-(r[0] - r[1]))))
+    assert response.loss == pytest.approx(expected, abs=atol(dtype, 1e-5))
     assert response.metrics["accuracy"] == float(r[0] > r[1])
 
 
@@ -161,9 +177,9 @@ FB = trainer_pb2.ForwardBackwardRequest
          r'batch\.sequence_inputs\["ref_logps"\]: must be a finite 1-D tensor'),
     ],
 )  # fmt: skip
-def test_bad_batches_and_losses_are_invalid_arguments(serve, tiny_models, request_, message):
+def test_bad_batches_and_losses_are_invalid_arguments(serve, tiny_models, dtype, request_, message):
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.causal_lm)
+        initialize(client, tiny_models.causal_lm, dtype=dtype)
         with pytest.raises(InvalidArgumentError, match=message):
             client._call("ForwardBackward", request_)
         assert client.state().accumulated_batches == 0  # nothing accumulated
@@ -210,12 +226,12 @@ def logprobs_of(client) -> list[np.ndarray]:
     return [r.copy() for r in to_ragged(response.logprobs)]
 
 
-def test_resume_from_a_checkpoint_is_exact(serve, tiny_models, tmp_path):
+def test_resume_from_a_checkpoint_is_exact(serve, tiny_models, tmp_path, dtype):
     schedule = trainer_pb2.ScheduleConfig(
         kind=trainer_pb2.SCHEDULE_KIND_COSINE, warmup_steps=1, total_steps=4
     )
     request = trainer_pb2.InitializeRequest(
-        model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM,
+        model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM, dtype=dtype,
         optimizer=trainer_pb2.AdamWConfig(lr=1e-2, weight_decay=0.01), schedule=schedule,
         max_grad_norm=1.0, seed=3,
     )  # fmt: skip
@@ -243,26 +259,28 @@ def test_resume_from_a_checkpoint_is_exact(serve, tiny_models, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-7)
 
 
-def test_a_checkpoint_holds_tied_weights_once_whatever_their_names(serve, tiny_models, tmp_path):
+def test_a_checkpoint_holds_tied_weights_once_whatever_their_names(
+    serve, tiny_models, tmp_path, dtype
+):
     """BERT as a causal LM ties its decoder weight and bias to tensors named otherwise (not
     lm_head.weight): the checkpoint holds each once, and loads back into the model."""
     path = str(tmp_path / "ckpt")
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.classifier)
+        initialize(client, tiny_models.classifier, dtype=dtype)
         train_steps(client, 1)
         client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=path))
         trained = logprobs_of(client)
-        initialize(client, tiny_models.classifier)
+        initialize(client, tiny_models.classifier, dtype=dtype)
         loaded = client._call("LoadCheckpoint", trainer_pb2.LoadCheckpointRequest(path=path))
         assert loaded.step == 1
         for a, b in zip(logprobs_of(client), trained, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_path):
+def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_path, dtype):
     path = tmp_path / "ckpt"
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.causal_lm)
+        initialize(client, tiny_models.causal_lm, dtype=dtype)
         train_steps(client, 1)
         client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(path)))
         trained = logprobs_of(client)
@@ -273,7 +291,7 @@ def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_pat
     with ReferenceClient(serve("reference", model=str(path)).target) as reference:
         served = reference.logprobs(ROWS, PROMPTS)
     for a, b in zip(served, trained, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=atol(dtype, 1e-5))
     with TrainerClient(serve("trainer").target) as client:
         initialize(client, tiny_models.causal_lm)
         with pytest.raises(InvalidArgumentError, match="is not a checkpoint directory"):
@@ -282,7 +300,7 @@ def test_a_checkpoint_is_a_model_every_service_loads(serve, tiny_models, tmp_pat
             )
 
 
-def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
+def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path, dtype):
     from alignd import GenerationClient, SamplingParams
     from alignd.local import free_port
 
@@ -291,7 +309,7 @@ def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
     targets = [trainer_pb2.PushTarget(address=r.target) for r in replicas]
     allowed = [*(r.target for r in replicas), dead]
     with TrainerClient(serve("trainer", push_targets=allowed).target) as trainer:
-        initialize(trainer, tiny_models.causal_lm)
+        initialize(trainer, tiny_models.causal_lm, dtype=dtype)
         train_steps(trainer, 2)
         trained = logprobs_of(trainer)
         request = trainer_pb2.PushWeightsRequest(
@@ -319,7 +337,9 @@ def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
             "Forward", trainer_pb2.ForwardRequest(batch=batch([sequence], [2]), outputs=outputs)
         )
     assert completion.weights_version == 1
-    np.testing.assert_allclose(to_ragged(own.logprobs)[0], completion.logprobs, atol=1e-5)
+    np.testing.assert_allclose(
+        to_ragged(own.logprobs)[0], completion.logprobs, atol=atol(dtype, 1e-5)
+    )
     with GenerationClient(replicas[0].target) as client:
         assert client.info().weights_version == 2
     assert trained  # the trainer did train before pushing
@@ -350,19 +370,19 @@ def test_push_weights_to_generation_replicas(serve, tiny_models, tmp_path):
          r"loss_scale: must be in \(0, 65536\]"),
     ],
 )  # fmt: skip
-def test_bad_trainer_requests_name_the_field(serve, tiny_models, method, request_, message):
+def test_bad_trainer_requests_name_the_field(serve, tiny_models, dtype, method, request_, message):
     with TrainerClient(serve("trainer").target) as client:
-        initialize(client, tiny_models.causal_lm)
+        initialize(client, tiny_models.causal_lm, dtype=dtype)
         with pytest.raises(InvalidArgumentError, match=message):
             client._call(method, request_)
 
 
-def test_trainer_metrics_report_step_loss_lr_and_grad_norm(serve, tiny_models, tmp_path):
+def test_trainer_metrics_report_step_loss_lr_and_grad_norm(serve, tiny_models, tmp_path, dtype):
     import urllib.request
 
     server = serve("trainer")
     with TrainerClient(server.target) as client:
-        initialize(client, tiny_models.causal_lm)
+        initialize(client, tiny_models.causal_lm, dtype=dtype)
         loss = client._call("ForwardBackward", FB(batch=batch(), loss=SFT)).loss
         step = client._call("OptimStep", trainer_pb2.OptimStepRequest())
         client._call("SaveCheckpoint", trainer_pb2.SaveCheckpointRequest(path=str(tmp_path / "c")))
