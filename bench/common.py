@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -78,6 +79,22 @@ def interleaved(repeats: int, runs: dict[str, Callable[[], object]]) -> dict[str
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the served models (and any in-process peer) run."""
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the services and peers, e.g. cuda"
+    )
+
+
+def synchronize(device: str) -> None:
+    """Waits for the kernels queued on ``device``: CUDA runs them asynchronously, so a timed
+    in-process run ends only when its work has."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def threads() -> int:

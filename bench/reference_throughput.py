@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, report
+from common import add_device_argument, interleaved, report, synchronize
 
 from alignd import ReferenceClient
 from alignd.local import LocalService
@@ -40,19 +40,20 @@ def data(vocab: int, count: int, seed: int = 0) -> tuple[list[np.ndarray], list[
     return rows, prompts.tolist()
 
 
-def in_process(path: Path, rows: list[np.ndarray], prompts: list[int]):
+def in_process(path: Path, rows: list[np.ndarray], prompts: list[int], device: str):
     """The peer: full-logits forward, log_softmax, gather, batches of BATCH in order."""
-    loaded = load_causal_lm(path)
+    loaded = load_causal_lm(path, device=device)
     pad = loaded.tokenizer.pad_token_id
 
     def run() -> None:
         for i in range(0, len(rows), BATCH):
-            ids, mask, lengths = pad_right(rows[i : i + BATCH], pad)
+            ids, mask, lengths = pad_right(rows[i : i + BATCH], pad, device)
             with torch.inference_mode():
                 logprobs = torch.log_softmax(loaded.model(ids, attention_mask=mask).logits, -1)
                 for b, p in enumerate(prompts[i : i + BATCH]):
                     n = int(lengths[b])
                     logprobs[b, p - 1 : n - 1].gather(-1, ids[b, p:n, None])
+        synchronize(device)
 
     return run
 
@@ -62,17 +63,18 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m", help="bundled name or directory")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     path = resolve_model(args.model)
     flags = ["--model", str(path), "--metrics-port", "-1", "--max-batch-size", str(BATCH),
-             "--log-level", "WARNING"]  # fmt: skip
+             "--log-level", "WARNING", "--device", args.device]  # fmt: skip
     with LocalService("reference", flags) as service, ReferenceClient(service.target) as client:
         rows, prompts = data(client.info().server.model.vocab_size, args.sequences)
         best = interleaved(
             args.repeats,
             {
-                "peer": in_process(path, rows, prompts),
+                "peer": in_process(path, rows, prompts, args.device),
                 "service": lambda: client.logprobs(rows, prompts),
             },
         )

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved, report, sentences
+from common import add_device_argument, interleaved, report, sentences, synchronize
 
 from alignd import AsyncRewardClient, RewardClient
 from alignd.local import LocalService
@@ -36,9 +36,9 @@ BATCH = 32
 CONCURRENCY = 64
 
 
-def in_process(path: Path, prompts: list[str], responses: list[str]):
+def in_process(path: Path, prompts: list[str], responses: list[str], device: str):
     """Scores all pairs in-process: the tokenizer and the forward, batches of 32."""
-    loaded = load_sequence_classifier(path)
+    loaded = load_sequence_classifier(path, device=device)
     pad = loaded.tokenizer.pad_token_id
 
     def run() -> None:
@@ -48,7 +48,8 @@ def in_process(path: Path, prompts: list[str], responses: list[str]):
                 for p, r in zip(prompts[i : i + BATCH], responses[i : i + BATCH], strict=True)
             ]
             with torch.inference_mode():
-                sequence_scores(loaded.model, *pad_right(rows, pad))
+                sequence_scores(loaded.model, *pad_right(rows, pad, device))
+        synchronize(device)
 
     return run
 
@@ -82,6 +83,7 @@ def main() -> int:
     parser.add_argument("--model", default="minilm-l6", help="bundled name or directory")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     path = resolve_model(args.model)
@@ -90,7 +92,7 @@ def main() -> int:
     n = len(prompts)
 
     flags = ["--model", str(path), "--metrics-port", "-1", "--max-queue-size", "4096",
-             "--log-level", "WARNING"]  # fmt: skip
+             "--log-level", "WARNING", "--device", args.device]  # fmt: skip
     unbatched_flags = [*flags, "--max-batch-size", "1", "--max-wait-ms", "0"]
     with (
         LocalService("reward", flags) as service,
@@ -100,7 +102,7 @@ def main() -> int:
         best = interleaved(
             args.repeats,
             {
-                "peer": in_process(path, prompts, responses),
+                "peer": in_process(path, prompts, responses, args.device),
                 "batched": served_batches(client, prompts, responses),
                 "concurrent": served_concurrent(service.target, prompts, responses),
                 "unbatched": served_concurrent(plain.target, prompts, responses),

@@ -25,10 +25,15 @@ Both sides, and the matmul, use the same number of torch threads: ``OMP_NUM_THRE
 (the service inherits it), else one per core. On a machine shared with other work, fewer
 threads than cores give steadier numbers (``OMP_NUM_THREADS=1``).
 
+``--device cuda`` puts both sides (the trainer and reference services, TRL's trainer) and the
+matmul on the GPU, still in float32. ``--peer none`` runs the service's steps alone (where TRL
+is not installed): seconds per step and achieved ÷ matmul FLOP/s, no TRL ratios.
+
 Runs in the benchmark environment (``make setup-bench``; it has TRL):
 
     .venv-bench/bin/python bench/trainer_step.py --quick
     .venv-bench/bin/python bench/trainer_step.py --pairs 64 --batch 8 --max-length 128 --steps 6
+    python bench/trainer_step.py --device cuda --peer none --policy DIR --reward DIR
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report, sentences
+from common import add_device_argument, report, sentences, synchronize
 
 from alignd import ReferenceClient, TrainerClient, losses
 from alignd.clients.trainer import TrainBatch
@@ -61,13 +66,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-try:
-    import transformers
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
-except ImportError as err:  # pragma: no cover - depends on the environment
-    raise SystemExit(f"{err}: run `make setup-bench` and use .venv-bench/bin/python") from None
+import transformers
+from transformers import PrinterCallback, TrainerCallback
 
 LR = 1e-6
 BETA = 0.1
@@ -149,6 +149,18 @@ class Interleave(TrainerCallback):
         self.between(len(self.times) - 1)
 
 
+def trl_peer():
+    """``(datasets, trl)``, the peer's packages (the benchmark environment has them)."""
+    try:
+        import datasets
+        import trl
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise SystemExit(
+            f"{err}: run `make setup-bench` and use .venv-bench/bin/python, or --peer none"
+        ) from None
+    return datasets, trl
+
+
 class ServiceSteps:
     """The service side: ForwardBackward(loss) + OptimStep per step, timed from the client."""
 
@@ -165,23 +177,31 @@ class ServiceSteps:
         self.times.append(time.perf_counter() - start)
         self.losses.append(result.loss)
 
+    def run(self, count: int) -> None:
+        """``count`` steps one after another (no peer to take turns with)."""
+        for step in range(count):
+            self(step)
+
 
 def trl_args(cls, args: argparse.Namespace, out: str, **extra):
-    """TRL config matching the service: fp32 CPU, one batch a step, constant lr, no overhead."""
+    """TRL config matching the service: fp32 on its device, one batch a step, constant lr, no
+    overhead."""
     return cls(
         output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         max_length=args.max_length, learning_rate=LR, lr_scheduler_type="constant",
         max_grad_norm=1.0, max_steps=args.warmup + args.steps, report_to="none",
-        logging_steps=10**6, save_strategy="no", eval_strategy="no", use_cpu=True,
+        logging_steps=10**6, save_strategy="no", eval_strategy="no",
+        use_cpu=torch.device(args.device).type == "cpu",
         dataloader_num_workers=0, bf16=False, fp16=False, gradient_checkpointing=False,
         train_sampling_strategy="sequential", dataloader_drop_last=True, disable_tqdm=True,
         seed=0, **extra,
     )  # fmt: skip
 
 
-def reference_logps(path: Path, steps: list[Step]) -> list[np.ndarray]:
+def reference_logps(path: Path, steps: list[Step], device: str) -> list[np.ndarray]:
     """Summed reference log-probabilities of each step's rows, from the reference service."""
-    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING"]
+    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING",
+             "--device", device]  # fmt: skip
     with LocalService("reference", flags) as service, ReferenceClient(service.target) as ref:
         return [
             np.array([float(r.sum()) for r in ref.logprobs(s.rows, s.prompts)], dtype=np.float32)
@@ -200,47 +220,58 @@ def check_trl_rows(dataset, rows: list[tuple[list[int], list[int], int]], max_le
 
 def dpo(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
     """The DPO side by side; returns both sides' step times, the tokens per step and N."""
-    path = resolve_model("smollm2-135m")
+    path = resolve_model(args.policy)
     loaded = load_causal_lm(path)
     pairs = make_pairs(args.pairs)
     rows = dpo_rows(loaded.tokenizer, pairs, args.max_length)
     steps = steps_of(rows, args.batch)
-    ref = reference_logps(path, steps)
+    ref = reference_logps(path, steps, args.device)
     batches = [
         TrainBatch(s.rows, s.prompts, sequence_inputs={"ref_logps": r})
         for s, r in zip(steps, ref, strict=True)
     ]
     init = trainer.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
     service = ServiceSteps(trainer, batches, losses.DPO(beta=BETA))
+    peer = {"trl": [], "ref_diff": None}
+    if args.peer == "trl":
+        peer = dpo_peer(args, loaded, pairs, rows, ref, service, out)
+    else:
+        service.run(args.warmup + args.steps)
+    return {
+        **peer, "service": service.times, "losses": service.losses,
+        "tokens": [sum(len(r) for r in steps[i % len(steps)].rows)
+                   for i in range(len(service.times))],
+        "params": init.trainable_parameters,
+    }  # fmt: skip
+
+
+def dpo_peer(args, loaded, pairs: Pairs, rows, ref, service: ServiceSteps, out: str) -> dict:
+    """TRL's DPOTrainer on the same pairs, the service's step run after each of its own."""
+    datasets, trl = trl_peer()
     timer = Interleave(service)
-    peer = DPOTrainer(
+    peer = trl.DPOTrainer(
         model=loaded.model, processing_class=loaded.tokenizer,
-        train_dataset=Dataset.from_dict(
+        train_dataset=datasets.Dataset.from_dict(
             {"prompt": pairs.prompts, "chosen": pairs.chosen, "rejected": pairs.rejected}
         ),
-        args=trl_args(DPOConfig, args, out, beta=BETA, precompute_ref_log_probs=True),
+        args=trl_args(trl.DPOConfig, args, out, beta=BETA, precompute_ref_log_probs=True),
         callbacks=[timer],
     )  # fmt: skip
     peer.remove_callback(PrinterCallback)  # the end-of-training summary
     check_trl_rows(peer.train_dataset, rows, args.max_length)
-    used = len(steps) * args.batch
+    used = len(ref) * args.batch
     trl_ref = np.concatenate([peer.train_dataset["ref_chosen_logps"][:used],
                               peer.train_dataset["ref_rejected_logps"][:used]])  # fmt: skip
     ours = np.concatenate([np.concatenate([r[: args.batch] for r in ref]),
                            np.concatenate([r[args.batch :] for r in ref])])  # fmt: skip
     ref_diff = float(np.abs(ours - trl_ref).max())
     peer.train()
-    return {
-        "service": service.times, "trl": timer.times, "losses": service.losses,
-        "tokens": [sum(len(r) for r in steps[i % len(steps)].rows)
-                   for i in range(len(service.times))],
-        "params": init.trainable_parameters, "ref_diff": ref_diff,
-    }  # fmt: skip
+    return {"trl": timer.times, "ref_diff": ref_diff}
 
 
 def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
     """The reward-model side by side: (prompt, completion) text pairs, pre-tokenized once."""
-    path = resolve_model("minilm-l6")
+    path = resolve_model(args.reward)
     loaded = load_sequence_classifier(path)
     pairs = make_pairs(args.pairs)
 
@@ -254,11 +285,15 @@ def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> 
     steps = steps_of([(c, r, 0) for c, r in zip(chosen, rejected, strict=True)], args.batch)
     trainer.initialize(str(path), "sequence_classifier", lr=LR, max_grad_norm=1.0, seed=0)
     service = ServiceSteps(trainer, [TrainBatch(s.rows, []) for s in steps], losses.BradleyTerry())
+    if args.peer == "none":
+        service.run(args.warmup + args.steps)
+        return {"service": service.times, "trl": []}
+    datasets, trl = trl_peer()
     timer = Interleave(service)
-    peer = RewardTrainer(
+    peer = trl.RewardTrainer(
         model=loaded.model, processing_class=loaded.tokenizer,
-        train_dataset=Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected}),
-        args=trl_args(RewardConfig, args, out), callbacks=[timer],
+        train_dataset=datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected}),
+        args=trl_args(trl.RewardConfig, args, out), callbacks=[timer],
     )  # fmt: skip
     peer.remove_callback(PrinterCallback)
     if len(peer.train_dataset) != len(chosen):
@@ -267,14 +302,16 @@ def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> 
     return {"service": service.times, "trl": timer.times}
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) float32 product (2 n³ FLOPs each)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n), (n, n)
+def matmul_flops(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) float32 product (2 n³ FLOPs each) on ``device``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)  # (n, n), (n, n)
     torch.matmul(a, b)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -287,6 +324,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    parser.add_argument("--policy", default="smollm2-135m", help="DPO model: bundled name or dir")
+    parser.add_argument(
+        "--reward", default="minilm-l6", help="reward backbone: bundled name or dir"
+    )
+    parser.add_argument("--peer", choices=["trl", "none"], default="trl",
+                        help="none: the service alone, where TRL is not installed")  # fmt: skip
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     if args.quick:
@@ -302,46 +346,52 @@ def main() -> int:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     args = parse_args()
     rows_limit = str(max(64, 2 * args.batch))
-    flags = ["--model", str(resolve_model("smollm2-135m")), "--metrics-port", "-1",
-             "--max-batch-size", rows_limit, "--log-level", "WARNING"]  # fmt: skip
+    flags = ["--model", str(resolve_model(args.policy)), "--metrics-port", "-1",
+             "--max-batch-size", rows_limit, "--log-level", "WARNING",
+             "--device", args.device]  # fmt: skip
     with tempfile.TemporaryDirectory() as out, LocalService("trainer", flags) as service:
         with TrainerClient(service.target, timeout=3600) as trainer:
             d = dpo(args, trainer, out)
             r = reward_model(args, trainer, out)
-    peak = matmul_flops()
+    peak = matmul_flops(args.device)
     w = args.warmup
-    dpo_s, dpo_t = statistics.median(d["service"][w:]), statistics.median(d["trl"][w:])
-    rm_s, rm_t = statistics.median(r["service"][w:]), statistics.median(r["trl"][w:])
+    dpo_s, rm_s = statistics.median(d["service"][w:]), statistics.median(r["service"][w:])
     flops = 6 * d["params"] * sum(d["tokens"][w:])  # 6 · N · real tokens, over the timed steps
     achieved = flops / sum(d["service"][w:])
     print(
-        f"\nthreads {torch.get_num_threads()}; {args.pairs} pairs, {args.batch} pairs/step, "
-        f"max length {args.max_length}, {args.steps} timed steps after {w} warm-up steps"
+        f"\n{args.device}, threads {torch.get_num_threads()}; {args.pairs} pairs, {args.batch} "
+        f"pairs/step, max length {args.max_length}, {args.steps} timed steps after {w} warm-up"
     )
-    print(
-        f"DPO first-step loss (service) {d['losses'][0]:.4f} (ln 2 = 0.6931); reference "
-        f"log-probs, service vs TRL: max |diff| {d['ref_diff']:.2e}"
-    )
+    checks = f"DPO first-step loss (service) {d['losses'][0]:.4f} (ln 2 = 0.6931)"
+    if d["ref_diff"] is not None:
+        checks += f"; reference log-probs, service vs TRL: max |diff| {d['ref_diff']:.2e}"
+    print(checks)
+    sides = ("service", "trl") if args.peer == "trl" else ("service",)
     for name, times in (("DPO", d), ("RM", r)):
-        for side in ("service", "trl"):
+        for side in sides:
             print(f"{name} {side} s/step: " + " ".join(f"{t:.2f}" for t in times[side]))
     print(f"achieved FLOP/s = 6 · N · tokens / seconds, N = {d['params']:,} trainable parameters, "
           "tokens = real (unpadded) tokens of the step's 2P rows")  # fmt: skip
+    policy, reward = Path(args.policy).name, Path(args.reward).name
     rows = [
-        ("DPO smollm2-135m, service ForwardBackward + OptimStep", dpo_s, "s/step"),
-        ("DPO smollm2-135m, TRL DPOTrainer (precomputed ref log-probs)", dpo_t, "s/step"),
-        ("RM minilm-l6, service ForwardBackward + OptimStep", rm_s, "s/step"),
-        ("RM minilm-l6, TRL RewardTrainer", rm_t, "s/step"),
+        (f"DPO {policy}, service ForwardBackward + OptimStep", dpo_s, "s/step"),
+        (f"RM {reward}, service ForwardBackward + OptimStep", rm_s, "s/step"),
         ("DPO real tokens per step (mean)", statistics.mean(d["tokens"][w:]), "tokens"),
         ("DPO service achieved, 6 · N · tokens / (s/step)", achieved / 1e9, "GFLOP/s"),
         ("dense float32 matmul 2048 x 2048 (2 n^3 / s, best of 5)", peak / 1e9, "GFLOP/s"),
     ]
-    ratios = {
-        "DPO service / TRL, s/step (target <= 1.0)": dpo_s / dpo_t,
-        "RM service / TRL, s/step (target <= 1.0)": rm_s / rm_t,
-        "DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak,
-    }
-    report("trainer step (service vs TRL)", rows, ratios, args.out)
+    ratios = {"DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak}
+    if args.peer == "trl":
+        dpo_t, rm_t = statistics.median(d["trl"][w:]), statistics.median(r["trl"][w:])
+        rows[1:1] = [(f"DPO {policy}, TRL DPOTrainer (precomputed ref log-probs)", dpo_t, "s/step")]
+        rows[3:3] = [(f"RM {reward}, TRL RewardTrainer", rm_t, "s/step")]
+        ratios = {
+            "DPO service / TRL, s/step (target <= 1.0)": dpo_s / dpo_t,
+            "RM service / TRL, s/step (target <= 1.0)": rm_s / rm_t,
+            **ratios,
+        }
+    title = "trainer step (service vs TRL)" if args.peer == "trl" else "trainer step (service)"
+    report(title, rows, ratios, args.out)
     return 0
 
 

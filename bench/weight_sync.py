@@ -2,6 +2,7 @@
 GB/s against a local memory copy of the same bytes.
 
     python bench/weight_sync.py                     # SmolLM2-135M (prepared bundled model)
+    python bench/weight_sync.py --device cuda       # the receiving service on the GPU
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report
+from common import add_device_argument, report
 
 from alignd import GenerationClient
 from alignd.local import LocalService
@@ -27,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="bundled name or directory")
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     path = resolve_model(args.model)
@@ -42,7 +44,8 @@ def main() -> int:
             np.copyto(targets[name], tensor)
         copies.append(time.perf_counter() - start)
 
-    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING"]
+    flags = ["--model", str(path), "--metrics-port", "-1", "--log-level", "WARNING",
+             "--device", args.device]  # fmt: skip
     pushes = []
     with LocalService("generation", flags) as service, GenerationClient(service.target) as client:
         for version in range(1, args.repeats + 1):
