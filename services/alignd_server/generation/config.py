@@ -28,7 +28,8 @@ class GenerationSettings(StorageServerSettings):
     metrics_port: int = Field(9091, ge=-1, le=65535)
     """Prometheus port; 0 picks a free port, -1 disables it."""
     engine: Literal["hf", "vllm"] = "hf"
-    """Generation engine: ``hf`` (transformers generate, embedded default) or ``vllm``."""
+    """Generation engine: ``hf`` (transformers with a continuous-batching scheduler, the
+    embedded default) or ``vllm`` (vLLM's ``AsyncLLM``)."""
     max_new_tokens: int = Field(1024, ge=1)
     """Most tokens generated per completion."""
     max_queue_size: int = Field(1024, ge=1)

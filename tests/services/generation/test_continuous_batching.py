@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -310,3 +311,25 @@ def test_a_flood_over_the_queue_limit_is_refused_at_once(serve, engine):
     assert all(isinstance(r, ResourceExhaustedError) for r in refused), refused[:3]
     assert all("limit max_queue_size 16" in str(r) for r in refused)
     assert all(len(r[0][0].token_ids) == 4 for r in results if not isinstance(r, BaseException))
+
+
+def test_shutdown_stops_a_running_request_within_a_step(serve, engine):
+    """Stopping the server (SIGTERM runs the same stop) ends a long request after the grace
+    period instead of decoding it to its end."""
+    server = serve("generation", engine=engine, max_request_tokens=200_000, grace_s=0.1)
+    engine_ = servicer(server).engine
+    with GenerationClient(server.target) as client:
+        request = generation_pb2.GenerateStreamRequest(
+            prompt=prompt_to_proto(PROMPTS[0]), params=LONG.to_proto()
+        )
+        stream = client._stub.GenerateStream(request, timeout=120)
+        next(stream)  # it runs
+        server.stop(grace=0.1)
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert engine_.load() == EngineLoad(0, 0, 0, 0)
+    registry = servicer(server).metrics.step_rows
+    rows = next(s.value for m in registry.collect() for s in m.samples if s.name.endswith("_sum"))
+    assert rows < 16 * LONG.max_new_tokens
