@@ -11,7 +11,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_BIN := $(BENCH_VENV)/bin
 BENCH_ARGS ?= --pairs 64 --batch 8 --max-length 128 --steps 6 --warmup 2
 
-.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-fuzz test-container test-vllm demo protos protos-check lint format clean
+.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-fuzz test-container test-vllm gpu-wheels demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -79,6 +79,10 @@ test-container: setup
 # The generation service tests again, on the vllm engine.
 test-vllm: setup-vllm
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/services/generation --engine vllm $(PYTEST_ARGS)
+
+# Wheels and model files for scripts/gpu_check.sh on a GPU machine (no network there).
+gpu-wheels: setup
+	PYTHON=$(BIN)/python scripts/gpu_wheels.sh
 
 demo: setup
 	$(BIN)/alignd demo

@@ -349,6 +349,8 @@ def main() -> int:
     flags = ["--model", str(resolve_model(args.policy)), "--metrics-port", "-1",
              "--max-batch-size", rows_limit, "--log-level", "WARNING",
              "--device", args.device]  # fmt: skip
+    for root in sorted({str(resolve_model(m).parent) for m in (args.policy, args.reward)}):
+        flags += ["--storage-root", root]  # Initialize may load the models from there
     with tempfile.TemporaryDirectory() as out, LocalService("trainer", flags) as service:
         with TrainerClient(service.target, timeout=3600) as trainer:
             d = dpo(args, trainer, out)
