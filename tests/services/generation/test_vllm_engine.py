@@ -81,6 +81,25 @@ def logprobs(completions) -> np.ndarray:
     return np.concatenate([c.logprobs for group in completions for c in group])
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("gpu_memory_utilization", 0.5), ("tensor_parallel_size", 2)]
+)
+async def test_gpu_settings_are_refused_on_cpu_and_the_rest_reach_vllm(
+    tiny_models, policy, name, value
+):
+    from alignd_server.generation.vllm_engine import engine_args
+
+    common = dict(engine="vllm", model=str(tiny_models.causal_lm), device="cpu")
+    with pytest.raises(ValueError, match=f"{name} applies to vLLM on GPU only"):
+        engine_args(policy, GenerationSettings(**common, **{name: value}))
+    given = dict(max_num_seqs=32, max_num_batched_tokens=1024, enable_prefix_caching=False)
+    args = engine_args(policy, GenerationSettings(**common, **given, max_sequence_length=256))
+    assert {key: getattr(args, key) for key in given} == given
+    assert (args.max_model_len, args.dtype, args.logprobs_mode) == (
+        256, "float32", "processed_logprobs"
+    )  # fmt: skip
+
+
 async def test_concurrent_callers_get_what_one_batched_call_gets(vllm_engine, registry):
     batch = prompts(vllm_engine)
     steps, rows = occupancy(registry)
