@@ -71,6 +71,8 @@ tail_of() { if [ -s "$1" ]; then tail -n "$2" "$1"; else echo "(no output)"; fi;
   echo "# alignd GPU check"
   echo
   echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), device $DEVICE, budget ${BUDGET}s"
+  echo
+  echo "Wheels: $(head -n 1 "$WHEELS/MANIFEST")."
 } >"$REPORT"
 
 # --- environment -------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ EOF
 step() {
   local name=$1 limit=$2 left=$((BUDGET - SECONDS))
   shift 2
-  local out="$RESULTS/logs/$name.log" begin=$SECONDS rc verdict counts
+  local out="$RESULTS/logs/$name.log" begin=$SECONDS rc verdict counts command
   if [ "$left" -lt 20 ]; then
     ROWS+=("| $name | skipped: out of time | 0 | |")
     FAILED+=("$name")
@@ -148,7 +150,8 @@ step() {
     tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
   ROWS+=("| $name | $verdict | $((SECONDS - begin)) | ${counts} |")
   section "$name: $verdict ($((SECONDS - begin)) s)"
-  printf "\`%s\`\n\n%s\n\n" "$(printf '%q ' "$@")" "${counts}" >>"$REPORT"
+  command=$(printf '%q ' "$@")
+  { echo "\`${command% }\`"; echo; [ -z "$counts" ] || printf '%s\n\n' "$counts"; } >>"$REPORT"
   if grep -qE '^(FAILED|ERROR) ' "$out"; then
     grep -E '^(FAILED|ERROR) ' "$out" | head -n 40 | fenced
   elif grep -q '^== ' "$out"; then  # a benchmark's table: from its title to the end

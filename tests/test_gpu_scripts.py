@@ -144,3 +144,46 @@ def test_benchmark_models_build_from_skeletons_and_load(tmp_path, tiny_models):
     for name in sources:
         first = (tmp_path / "a" / name / "model.safetensors").read_bytes()
         assert first == (tmp_path / "b" / name / "model.safetensors").read_bytes()
+
+
+def test_a_step_records_its_verdict_counts_and_what_failed(tmp_path):
+    """gpu_check.sh's ``step``: a verdict per step (a timeout named as one, a step past the
+    budget skipped), pytest's counts, the FAILED lines of a test run, the table of a benchmark;
+    failed and skipped steps are listed."""
+    script = CHECK.read_text()
+    function = script[
+        script.index("\nstep() {") : script.index("\n}\n", script.index("\nstep() {"))
+    ]
+    helpers = "\n".join(
+        line
+        for line in script.splitlines()
+        if line.startswith(("log()", "section()", "fenced()", "tail_of()"))
+    )
+    harness = f"""set -uo pipefail
+RESULTS={tmp_path}; REPORT={tmp_path}/results.md; BUDGET=100; FAILED=(); ROWS=()
+mkdir -p {tmp_path}/logs
+{helpers}
+{function}
+}}
+step ok 10 bash -c 'echo "3 passed, 1 skipped in 0.5s"'
+step bad 10 bash -c 'echo "FAILED tests/x.py::t - boom"; echo "1 failed, 2 passed in 1s"; exit 1'
+step slow 1 sleep 5
+step bench 10 bash -c 'printf "noise\\n\\n== a bench\\n  row 1.0 s\\n"'
+BUDGET=0
+step late 10 true
+printf '%s\\n' "${{ROWS[@]}}" "failed: ${{FAILED[*]}}"
+"""
+    done = subprocess.run(["bash", "-c", harness], capture_output=True, text=True, check=False)
+    rows = done.stdout.splitlines()[-6:]
+    assert rows[0].startswith("| ok | pass |") and rows[0].endswith(
+        "| 3 passed, 1 skipped in 0.5s |"
+    )
+    assert rows[1].startswith("| bad | FAIL: exit 1 |")
+    assert rows[2].startswith("| slow | FAIL: timed out after 1s |")
+    assert rows[3].startswith("| bench | pass |")
+    assert rows[4] == "| late | skipped: out of time | 0 | |"
+    assert rows[5] == "failed: bad slow late"
+    report = (tmp_path / "results.md").read_text()
+    assert "```\nFAILED tests/x.py::t - boom\n```" in report
+    assert "```\n== a bench\n  row 1.0 s\n```" in report
+    assert report.count("noise") == 1  # in the command line, not in the table
