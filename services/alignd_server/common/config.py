@@ -139,7 +139,8 @@ class ModelServerSettings(ServerSettings):
     device: str = "cpu"
     """torch device, e.g. ``cpu`` or ``cuda:0``."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype; bfloat16/float16 only on GPU."""
+    """Parameter dtype. bfloat16/float16 are meant for GPUs (on CPU they run, slowly and
+    less exactly)."""
     max_batch_size: int = Field(64, ge=1, le=65536)
     """Most items (prompts, sequences, pairs) accepted in one request."""
     deterministic: bool = False

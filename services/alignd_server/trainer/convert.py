@@ -64,7 +64,7 @@ def init_spec(
         path = str(resolve_model(name))
     except FileNotFoundError as err:
         raise InvalidArgument("model_path", str(err)) from None
-    dtype = request.dtype or "float32"
+    dtype = request.dtype or settings.dtype  # unset: the server's --dtype, like model_path
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InvalidArgument("dtype", f"{dtype!r} must be float32, bfloat16 or float16")
     opt = request.optimizer

@@ -214,6 +214,16 @@ def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, field
             client._call("Initialize", request)
 
 
+def test_an_initialize_without_dtype_takes_the_servers_dtype_setting(serve, tiny_models):
+    request = trainer_pb2.InitializeRequest(
+        model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM
+    )
+    with TrainerClient(serve("trainer", dtype="bfloat16").target) as client:
+        assert client._call("Initialize", request).model.dtype == "bfloat16"
+        request.dtype = "float32"  # a request's own dtype wins
+        assert client._call("Initialize", request).model.dtype == "float32"
+
+
 def train_steps(client, count: int) -> None:
     for _ in range(count):
         client._call("ForwardBackward", FB(batch=batch(), loss=SFT))
