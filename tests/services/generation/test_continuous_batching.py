@@ -67,6 +67,16 @@ def occupancy(server) -> tuple[float, float]:
     )
 
 
+def running_stream(client):
+    """A cancellable GenerateStream call of the LONG request, once its first token is out."""
+    request = generation_pb2.GenerateStreamRequest(
+        prompt=prompt_to_proto(PROMPTS[0]), params=LONG.to_proto()
+    )
+    stream = client._stub.GenerateStream(request, timeout=120)
+    next(stream)
+    return stream
+
+
 def tokens(completion) -> list[int]:
     return completion.token_ids.tolist()
 
@@ -155,11 +165,7 @@ def test_streamed_tokens_arrive_while_the_request_runs_and_equal_generate(server
 def test_a_cancelled_request_leaves_the_engine_and_later_ones_run_alone(server):
     engine = servicer(server).engine
     with GenerationClient(server.target) as client:
-        request = generation_pb2.GenerateStreamRequest(
-            prompt=prompt_to_proto(PROMPTS[0]), params=LONG.to_proto()
-        )
-        stream = client._stub.GenerateStream(request, timeout=120)
-        next(stream)  # it runs
+        stream = running_stream(client)
         stream.cancel()
         wait_until(lambda: engine.load() == EngineLoad(0, 0, 0, 0))
         wait_until(lambda: aborted(server, "cancelled") == 1)
@@ -319,11 +325,7 @@ def test_shutdown_stops_a_running_request_within_a_step(serve, engine):
     server = serve("generation", engine=engine, max_request_tokens=200_000, grace_s=0.1)
     engine_ = servicer(server).engine
     with GenerationClient(server.target) as client:
-        request = generation_pb2.GenerateStreamRequest(
-            prompt=prompt_to_proto(PROMPTS[0]), params=LONG.to_proto()
-        )
-        stream = client._stub.GenerateStream(request, timeout=120)
-        next(stream)  # it runs
+        stream = running_stream(client)
         server.stop(grace=0.1)
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:
