@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -76,7 +77,9 @@ class Job:
         self.run_dir = RunDirectory(config.run_dir, config, resume=resume)
         self.progress = progress
         self.timings: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)  # this step's counters, logged as is
         self.total_steps = 0
+        self._rediscovering = threading.Lock()  # calls may run on several threads
         self._step = 0  # the step running now (0 while setting up)
 
     # ---- what subclasses provide -------------------------------------------------------
@@ -135,8 +138,10 @@ class Job:
                 if last or (self.config.save_every and step % self.config.save_every == 0):
                     self.save(step, final=last)
                 metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+                metrics.update(self.counts)
                 row = self.run_dir.log(step, metrics)
                 self.timings.clear()  # the first step's row also carries the setup phases
+                self.counts.clear()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(_summary(metrics), refresh=False)
@@ -218,7 +223,10 @@ class Job:
     def rediscover(self) -> bool:
         """Looks the platform's generation replicas up again; whether they changed."""
         rediscover = getattr(self.platform, "rediscover", None)
-        return bool(rediscover()) if rediscover is not None else False
+        if rediscover is None:
+            return False
+        with self._rediscovering:
+            return bool(rediscover())
 
     def service(self, role: str):
         """The platform's client of ``role`` (generation, reward, reference) with the job's

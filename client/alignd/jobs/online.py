@@ -8,7 +8,11 @@ The numpy math (KL shaping, GAE, whitening, group baselines) is :mod:`alignd.alg
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,6 +27,21 @@ from alignd.jobs.base import Job
 from alignd.jobs.batches import chunks, load_split
 
 log = logging.getLogger(__name__)
+
+
+def split_shares(prompts: list, replicas: int, params: SamplingParams) -> list[list[int]]:
+    """Prompt indices in one share per replica (at most one per prompt), balanced by the
+    tokens each prompt requests, estimated as n x (characters / 4 + max_new_tokens): the
+    costliest prompt first onto the share with the least so far. Each share keeps the prompts'
+    order; the split depends only on the prompts and the replica count."""
+    count = max(1, min(replicas, len(prompts)))
+    cost = [params.n * (len(str(p)) / 4 + params.max_new_tokens) for p in prompts]
+    loads, shares = [0.0] * count, [[] for _ in range(count)]
+    for i in sorted(range(len(prompts)), key=lambda i: (-cost[i], i)):
+        least = min(range(count), key=lambda s: (loads[s], s))
+        shares[least].append(i)
+        loads[least] += cost[i]
+    return [sorted(share) for share in shares]
 
 
 @dataclass
@@ -158,12 +177,7 @@ class _Online(Job):
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
         )  # fmt: skip
         with self.phase("generation"):
-            # The client is picked on each attempt: a retry follows rediscovered replicas.
-            samples = self.call(
-                lambda: self.service("generation").generate(
-                    prompts, params, isolated=c.deterministic
-                )
-            )
+            samples = self._generate(prompts, params)
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
@@ -180,6 +194,46 @@ class _Online(Job):
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
             np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask,
         )  # fmt: skip
+
+    def _generate(self, prompts: list, params: SamplingParams) -> list[list]:
+        """The round's samples from every generation replica at once: the prompts are split
+        into one share per replica, balanced by the tokens they request (n x (prompt +
+        max_new_tokens), prompts estimated at 4 characters a token), each share with its own
+        seed (the first share keeps the round's). A share whose replica fails is sent again,
+        after the backoff and a fresh lookup of the replicas, to the next replica in turn.
+        Each replica's generated tokens and seconds are logged as
+        ``generation/replica<i>/tokens`` and ``time/generation/replica<i>`` (i: its place among
+        the replicas when it served)."""
+        shares = split_shares(prompts, len(self.generation_clients()), params)
+        results: list = [None] * len(prompts)
+        counting = threading.Lock()
+
+        def serve(index: int, share: list[int]) -> None:
+            turns = itertools.count(index)
+            share_params = dataclasses.replace(
+                params, seed=None if params.seed is None else (params.seed + index) % 2**63
+            )
+
+            def once():
+                clients = self.generation_clients()  # looked up on each attempt
+                client = clients[next(turns) % len(clients)]
+                start = time.perf_counter()
+                out = client.generate([prompts[i] for i in share], share_params,
+                                      isolated=self.config.deterministic)  # fmt: skip
+                return clients.index(client), out, time.perf_counter() - start
+
+            replica, out, seconds = self.call(once)
+            for i, group in zip(share, out, strict=True):
+                results[i] = group
+            tokens = sum(len(s.token_ids) for group in out for s in group)
+            with counting:
+                self.counts[f"generation/replica{replica}/tokens"] += tokens
+                self.timings[f"generation/replica{replica}"] += seconds
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(shares))) as pool:
+            for future in [pool.submit(serve, i, share) for i, share in enumerate(shares)]:
+                future.result()
+        return results
 
     def _forward(self, rollout: Rollout, outputs: list[str]) -> dict[str, np.ndarray]:
         """Old log-probs (and values) of the rollout under the current policy, padded."""

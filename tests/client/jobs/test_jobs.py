@@ -388,3 +388,89 @@ def test_a_deterministic_job_repeats_bit_for_bit_while_others_load_the_services(
     platform.close()
     assert len(sent) > 10  # the services were busy with others throughout
     assert numbers(loaded) == numbers(quiet)
+
+
+def test_split_shares_balances_requested_tokens_and_keeps_each_shares_order():
+    from alignd import SamplingParams
+    from alignd.jobs.online import split_shares
+
+    params = SamplingParams(max_new_tokens=10, n=2)
+    prompts = ["x" * 400, "y" * 40, "z" * 40, "w" * 40, "v" * 40]  # costs 2 x (100 | 10 + 10)
+    assert split_shares(prompts, 2, params) == [[0], [1, 2, 3, 4]]  # 220 vs 4 x 40
+    assert split_shares(prompts, 1, params) == [[0, 1, 2, 3, 4]]
+    assert split_shares(prompts[:2], 4, params) == [[0], [1]]  # no empty shares
+
+
+def _two_replicas(serve, records):
+    first = serve("generation")
+    port = int(first.target.rsplit(":", 1)[1])
+    second = serve("generation", host="127.0.0.2", port=port)
+    records["gen-headless.ml.svc"] = ["127.0.0.1", "127.0.0.2"]
+    others = {
+        "reward": serve("reward", scorers=[f"oracle={SCORER}"]).target,
+        "reference": serve("reference").target,
+        "trainer": serve("trainer", push_targets=[first.target, f"127.0.0.2:{port}"]).target,
+    }
+    platform = Platform(generation_dns=f"gen-headless.ml.svc:{port}",
+                        resolver=lambda host, _: list(records[host]), **others)  # fmt: skip
+    return first, second, platform
+
+
+def test_online_rounds_sample_from_every_replica(serve, tmp_path):
+    from service_metrics import scrape
+
+    first, second, platform = _two_replicas(serve, {})
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+        rollout={"prompts_per_round": 6, "max_new_tokens": 6, "scorer": "oracle"},
+        **common(tmp_path, "ppo-replicas"),
+    )  # fmt: skip
+    with platform:
+        rows = list(make_job(config, platform, progress=False).run())
+    for row in rows:
+        assert row["generation/replica0/tokens"] > 0 and row["generation/replica1/tokens"] > 0
+        assert row["time/generation/replica0"] > 0 and row["time/generation/replica1"] > 0
+    for index, server in enumerate((first, second)):
+        served = scrape(server)[("alignd_generated_tokens_total", frozenset())]
+        logged = sum(row[f"generation/replica{index}/tokens"] for row in rows)
+        assert served >= logged  # the held-out evaluation samples from the first replica too
+
+
+def test_a_replica_that_fails_mid_round_has_its_share_sent_to_the_other(
+    serve, tmp_path, monkeypatch
+):
+    from alignd_server.common.errors import Unavailable
+    from alignd_server.generation.servicer import GenerationServicer
+
+    records: dict[str, list[str]] = {}
+    dying, calls = [], []
+    original = GenerationServicer.Generate
+
+    async def generate(self, request, context):
+        if self in dying:
+            calls.append(1)
+            if len(calls) >= 2:  # round 2: the pod goes away while the round runs
+                records["gen-headless.ml.svc"] = ["127.0.0.1"]
+                raise Unavailable("the replica is going away")
+        return await original(self, request, context)
+
+    monkeypatch.setattr(GenerationServicer, "Generate", generate)  # before the servers start
+    first, second, platform = _two_replicas(serve, records)
+    dying.append(second.server.services[0])
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=3,
+        rollout={"prompts_per_round": 6, "max_new_tokens": 6, "scorer": "oracle"},
+        retry_seconds=60, **common(tmp_path, "ppo-replica-dies"),
+    )  # fmt: skip
+    with platform:
+        rows = list(make_job(config, platform, progress=False).run())
+        assert platform.generation_targets == [first.target]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rows[0]["generation/replica1/tokens"] > 0  # both served round 1
+    # Round 2's share failed there (the client's own retries included), then went to the first.
+    assert len(calls) >= 2
+    assert (
+        "generation/replica1/tokens" not in rows[1] and "generation/replica1/tokens" not in rows[2]
+    )
+    # The first replica served the whole of rounds 2 and 3: 6 prompts x the group each.
+    assert rows[1]["generation/replica0/tokens"] >= 6
