@@ -46,6 +46,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
+                continue  # read again: the status may have changed (a drain) during the write
             if self._draining:
                 return
             await changed.wait()
