@@ -200,6 +200,15 @@ class _OnlineConfig(JobConfig):
     eval_samples: int = Field(1, ge=1)
     """Completions sampled per held-out prompt when evaluating (``eval_every``): the reward
     service's score, KL to the reference and length, each with its standard error."""
+    recompute_old_logprobs: bool | None = None
+    """Whether the trainer recomputes the rollout's log-probs (a ``Forward``) for the loss's
+    old log-probs, or the loss takes the generation service's (the behaviour policy's, which
+    it returns with every sample). Unset: what the algorithm needs — recomputed when a round
+    trains in several passes (``ppo_epochs`` / ``epochs_per_round`` > 1, or more rows than
+    ``batch_size``), and for PPO, whose ``Forward`` computes the values anyway; a single
+    on-policy pass takes the generator's. When both exist, their mismatch is logged each
+    round (``logprob_mismatch/mean_abs``, ``/max``). The vllm engine's log-probs are taken
+    after top-p/top-k filtering: with ``top_p`` < 1, recompute."""
 
     @model_validator(mode="after")
     def _no_epochs(self) -> _OnlineConfig:

@@ -56,6 +56,7 @@ class Rollout:
     eos: np.ndarray  # (B,) whether the completion ended with EOS
     ref_logprobs: np.ndarray  # (B, T)
     mask: np.ndarray  # (B, T)
+    gen_logprobs: np.ndarray  # (B, T) the generation service's (behaviour policy's)
 
     def batch(self, index, **token_inputs: np.ndarray) -> TrainBatch:
         """The rows ``index`` with the named (B, T) per-token inputs, unpadded."""
@@ -190,9 +191,10 @@ class _Online(Job):
             ref = self.call(self.service("reference").logprobs, rows, lengths,
                             isolated=c.deterministic)  # fmt: skip
         ref_padded, mask = alg.pad_right(ref)
+        generated, _ = alg.pad_right([s.logprobs for _, s in flat])
         return Rollout(
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
-            np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask,
+            np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask, generated,
         )  # fmt: skip
 
     def _generate(self, prompts: list, params: SamplingParams) -> list[list]:
@@ -265,6 +267,22 @@ class _Online(Job):
                     sums.setdefault("lr", []).append(update.learning_rate)
         return {k: float(np.mean(v)) for k, v in sums.items()}
 
+    def _recompute(self, rows: int, epochs: int, default: bool = False) -> bool:
+        """Whether the old log-probs come from a trainer ``Forward`` (see
+        ``recompute_old_logprobs``)."""
+        chosen = self.config.recompute_old_logprobs
+        if chosen is not None:
+            return chosen
+        return default or epochs > 1 or rows > self.config.batch_size
+
+    def _mismatch(self, rollout: Rollout, trainer: np.ndarray) -> dict[str, float]:
+        """Generator vs trainer log-probs of the sampled tokens: mean and max |Δ|."""
+        diff = np.abs(rollout.gen_logprobs - trainer)[rollout.mask.astype(bool)]
+        if diff.size == 0:
+            return {}
+        return {"logprob_mismatch/mean_abs": float(diff.mean()),
+                "logprob_mismatch/max": float(diff.max())}  # fmt: skip
+
     def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
         return {
             "reward": float(rollout.scores.mean()),
@@ -301,8 +319,11 @@ class PPOJob(_Online):
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
         rollout = self.rollout(step)
-        old = self._forward(rollout, ["logprobs", "values"])
-        logprobs, values, mask = old["logprobs"], old["values"], rollout.mask
+        recompute = self._recompute(len(rollout.rows), c.ppo_epochs, default=True)
+        old = self._forward(rollout, ["logprobs", "values"] if recompute else ["values"])
+        values, mask = old["values"], rollout.mask
+        logprobs = old["logprobs"] if recompute else rollout.gen_logprobs
+        mismatch = self._mismatch(rollout, logprobs) if recompute else {}
         scores = rollout.scores
         if c.missing_eos_penalty is not None:
             scores = alg.penalize_missing_eos(scores, rollout.eos, c.missing_eos_penalty)
@@ -326,7 +347,7 @@ class PPOJob(_Online):
         self.kl_control.update(float(sequence_kl.mean()), len(rollout.rows))
         self._sync_weights(self.version_base + step + 1)
         return {**metrics, **self._rollout_metrics(rollout), "kl": float(sequence_kl.mean()),
-                "kl_coef": beta, "score": float(scores.mean())}  # fmt: skip
+                "kl_coef": beta, "score": float(scores.mean()), **mismatch}  # fmt: skip
 
 
 class GRPOJob(_Online):
@@ -352,8 +373,13 @@ class GRPOJob(_Online):
             advantages = alg.rloo_advantages(rollout.scores, c.group_size)
         token_advantages = alg.broadcast_to_tokens(advantages, rollout.mask)  # (B, T)
         inputs = {"advantages": token_advantages}
+        mismatch = {}
         if c.clip_range is not None:
-            inputs["old_logprobs"] = self._forward(rollout, ["logprobs"])["logprobs"]
+            if self._recompute(len(rollout.rows), c.epochs_per_round):
+                inputs["old_logprobs"] = self._forward(rollout, ["logprobs"])["logprobs"]
+                mismatch = self._mismatch(rollout, inputs["old_logprobs"])
+            else:
+                inputs["old_logprobs"] = rollout.gen_logprobs
         if c.kl_coef > 0:
             inputs["ref_logprobs"] = rollout.ref_logprobs
         loss = losses.PolicyGradient(clip_range=c.clip_range, kl_coef=c.kl_coef,
@@ -361,4 +387,4 @@ class GRPOJob(_Online):
                                      temperature=c.rollout.temperature)  # fmt: skip
         metrics = self._train(step, rollout, loss, c.epochs_per_round, **inputs)
         self._sync_weights(self.version_base + step + 1)
-        return {**metrics, **self._rollout_metrics(rollout)}
+        return {**metrics, **self._rollout_metrics(rollout), **mismatch}

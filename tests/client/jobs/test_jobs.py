@@ -474,3 +474,46 @@ def test_a_replica_that_fails_mid_round_has_its_share_sent_to_the_other(
     )
     # The first replica served the whole of rounds 2 and 3: 6 prompts x the group each.
     assert rows[1]["generation/replica0/tokens"] >= 6
+
+
+def _forward_calls(trainer) -> float:
+    from service_metrics import request_codes
+
+    return request_codes(trainer, "Forward").get("OK", 0.0)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_old_logprobs_from_the_generator_give_the_same_losses_with_fewer_forwards(
+    serve, tmp_path, kind
+):
+    """On one on-policy pass the generator's log-probs stand in for a trainer Forward: the
+    losses agree (the CPU engines' log-probs agree to 1e-4); GRPO saves one Forward a round
+    (PPO's Forward computes the values anyway)."""
+    generation = serve("generation")
+    trainer = serve("trainer", push_targets=[generation.target])
+    services = {"generation": generation.target, "trainer": trainer.target,
+                "reward": serve("reward", scorers=[f"oracle={SCORER}"]).target,
+                "reference": serve("reference").target}  # fmt: skip
+    runs, forwards = {}, {}
+    for recompute in (True, False):
+        options = dict(
+            data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+            rollout={"prompts_per_round": 2, "max_new_tokens": 8, "scorer": "oracle"},
+            recompute_old_logprobs=recompute,
+            **{**common(tmp_path, f"{kind}-{recompute}"), "batch_size": 8},  # one pass
+        )  # fmt: skip
+        if kind == "grpo":
+            config = GRPOConfig(group_size=4, clip_range=0.2, **options)
+        else:
+            config = PPOConfig(ppo_epochs=1, **options)
+        before = _forward_calls(trainer)
+        with Platform(**services) as platform:
+            runs[recompute] = run(config, platform)
+        forwards[recompute] = _forward_calls(trainer) - before
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+        assert a["reward"] == b["reward"]  # the same samples
+        assert a["logprob_mismatch/mean_abs"] < 1e-4 and a["logprob_mismatch/max"] < 1e-3
+        assert "logprob_mismatch/mean_abs" not in b
+    saved = 2 if kind == "grpo" else 0
+    assert forwards[True] - forwards[False] == saved
