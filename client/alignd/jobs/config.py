@@ -189,6 +189,21 @@ class RolloutConfig(_Strict):
     """Nucleus sampling's probability mass."""
     scorer: str = ""
     """The reward service's scorer; empty = its default."""
+    chunk_prompts: int = Field(0, ge=0)
+    """Prompts per generation request, to overlap the phases: the round's prompts go out in
+    chunks of this many (spread over the replicas, each with its own seed), and each chunk is
+    scored and gets its reference log-probs as soon as it is generated, while later chunks
+    generate. 0: one request per replica, then scoring, then reference, one after another."""
+    overlap: bool = True
+    """With ``chunk_prompts``: score each chunk as soon as it is generated (true), or only
+    once the whole round is generated (false: the same requests, one phase after another — the
+    serial baseline, with bit-identical results in ``deterministic`` mode)."""
+
+    @model_validator(mode="after")
+    def _overlap_needs_chunks(self) -> RolloutConfig:
+        if "overlap" in self.model_fields_set and not self.chunk_prompts:
+            raise ValueError("overlap applies to chunked rounds only: set chunk_prompts too")
+        return self
 
 
 class _OnlineConfig(JobConfig):

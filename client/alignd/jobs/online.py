@@ -177,19 +177,21 @@ class _Online(Job):
             max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
         )  # fmt: skip
-        with self.phase("generation"):
-            samples = self._generate(prompts, params)
+        start = time.perf_counter()
+        if c.rollout.chunk_prompts:
+            samples, scores, ref = self._overlapped(prompts, params)
+        else:
+            with self.phase("generation"):
+                samples = self._generate(prompts, params)
+            entries = [p for p, g in zip(prompts, samples, strict=True) for _ in g]
+            scores, ref, scoring, reference = self._score(entries, [s for g in samples for s in g])
+            self.timings["scoring"] += scoring
+            self.timings["reference"] += reference
+        self.timings["rollout"] += time.perf_counter() - start
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
         rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
         lengths = [len(s.prompt_token_ids) for _, s in flat]
-        with self.phase("scoring"):
-            scores = self.call(self.service("reward").score, [p for p, _ in flat], texts,
-                               scorer=c.rollout.scorer or None,
-                               isolated=c.deterministic)  # fmt: skip
-        with self.phase("reference"):
-            ref = self.call(self.service("reference").logprobs, rows, lengths,
-                            isolated=c.deterministic)  # fmt: skip
         ref_padded, mask = alg.pad_right(ref)
         generated, _ = alg.pad_right([s.logprobs for _, s in flat])
         return Rollout(
@@ -197,7 +199,71 @@ class _Online(Job):
             np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask, generated,
         )  # fmt: skip
 
-    def _generate(self, prompts: list, params: SamplingParams) -> list[list]:
+    def _score(self, prompts: list, samples: list) -> tuple[list, list, float, float]:
+        """Reward scores and reference log-probs of ``samples`` (one per entry of
+        ``prompts``), and the seconds each call took."""
+        c = self.config
+        rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for s in samples]
+        start = time.perf_counter()
+        scores = self.call(self.service("reward").score, prompts, [s.text for s in samples],
+                           scorer=c.rollout.scorer or None,
+                           isolated=c.deterministic)  # fmt: skip
+        middle = time.perf_counter()
+        ref = self.call(self.service("reference").logprobs, rows,
+                        [len(s.prompt_token_ids) for s in samples],
+                        isolated=c.deterministic)  # fmt: skip
+        return list(scores), list(ref), middle - start, time.perf_counter() - middle
+
+    def _overlapped(self, prompts: list, params: SamplingParams) -> tuple[list, list, list]:
+        """Generation in chunks of ``rollout.chunk_prompts`` prompts, each chunk scored and
+        given its reference log-probs as soon as it is generated. ``time/generation``,
+        ``time/scoring`` and ``time/reference`` are then the phases' busy seconds (summed
+        over their concurrent calls), ``time/generation_wall`` the wall time of the generation
+        and ``time/rollout`` of the whole: ``generation_wall + scoring + reference`` exceeding
+        ``rollout`` is the overlap (with ``overlap: false`` it cannot)."""
+        size = self.config.rollout.chunk_prompts
+        chunks_ = [
+            list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)
+        ]
+        done: dict[int, tuple] = {}
+        lock = threading.Lock()
+
+        def busy(name: str, seconds: float) -> None:
+            with lock:
+                self.timings[name] += seconds
+
+        def score(share: list[int], groups: list) -> tuple:
+            entries = [(prompts[i], s) for i, g in zip(share, groups, strict=True) for s in g]
+            scores, ref, scoring, reference = self._score(*map(list, zip(*entries, strict=True)))
+            busy("scoring", scoring)
+            busy("reference", reference)
+            return scores, ref
+
+        overlap, generated = self.config.rollout.overlap, {}
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(chunks_))) as scoring:
+
+            def on_share(index: int, share: list[int], groups: list, seconds: float) -> None:
+                busy("generation", seconds)
+                if overlap:
+                    done[index] = scoring.submit(score, share, groups)
+                else:
+                    generated[index] = (share, groups)
+
+            start = time.perf_counter()
+            samples = self._generate(prompts, params, shares=chunks_, on_share=on_share)
+            self.timings["generation_wall"] += time.perf_counter() - start
+            if overlap:
+                scored = {i: future.result() for i, future in done.items()}
+            else:  # the same requests, one phase after another
+                scored = {i: score(*generated[i]) for i in sorted(generated)}
+        scores = [x for i in range(len(chunks_)) for x in scored[i][0]]
+        ref = [x for i in range(len(chunks_)) for x in scored[i][1]]
+        return samples, scores, ref
+
+    def _generate(
+        self, prompts: list, params: SamplingParams, *, shares: list[list[int]] | None = None,
+        on_share=None,
+    ) -> list[list]:  # fmt: skip
         """The round's samples from every generation replica at once: the prompts are split
         into one share per replica, balanced by the tokens they request (n x (prompt +
         max_new_tokens), prompts estimated at 4 characters a token), each share with its own
@@ -206,7 +272,8 @@ class _Online(Job):
         Each replica's generated tokens and seconds are logged as
         ``generation/replica<i>/tokens`` and ``time/generation/replica<i>`` (i: its place among
         the replicas when it served)."""
-        shares = split_shares(prompts, len(self.generation_clients()), params)
+        if shares is None:
+            shares = split_shares(prompts, len(self.generation_clients()), params)
         results: list = [None] * len(prompts)
         counting = threading.Lock()
 
@@ -231,6 +298,8 @@ class _Online(Job):
             with counting:
                 self.counts[f"generation/replica{replica}/tokens"] += tokens
                 self.timings[f"generation/replica{replica}"] += seconds
+            if on_share is not None:
+                on_share(index, share, out, seconds)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, len(shares))) as pool:
             for future in [pool.submit(serve, i, share) for i, share in enumerate(shares)]:

@@ -517,3 +517,33 @@ def test_old_logprobs_from_the_generator_give_the_same_losses_with_fewer_forward
         assert "logprob_mismatch/mean_abs" not in b
     saved = 2 if kind == "grpo" else 0
     assert forwards[True] - forwards[False] == saved
+
+
+def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_round(serve, tmp_path):
+    from slow_scorer import SLOW
+
+    generation = serve("generation")
+    services = {"generation": generation.target,
+                "trainer": serve("trainer", push_targets=[generation.target]).target,
+                "reward": serve("reward", scorers=[f"slow={SLOW}"]).target,
+                "reference": serve("reference").target}  # fmt: skip
+    runs = {}
+    for overlap in (True, False):
+        config = PPOConfig(
+            data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+            rollout={"prompts_per_round": 8, "max_new_tokens": 8, "scorer": "slow",
+                     "chunk_prompts": 2, "overlap": overlap},
+            deterministic=True, **common(tmp_path, f"overlap-{overlap}"),
+        )  # fmt: skip
+        with Platform(**services) as platform:
+            runs[overlap] = run(config, platform)
+    for overlapped, rows in runs.items():
+        for row in rows:
+            phases = row["time/generation_wall"] + row["time/scoring"] + row["time/reference"]
+            if overlapped:  # chunks were scored while others generated
+                assert phases > row["time/rollout"]
+            else:  # one phase after another
+                assert phases <= row["time/rollout"]
+    for a, b in zip(runs[True], runs[False], strict=True):
+        same = {k: v for k, v in a.items() if k != "time" and not k.startswith("time/")}
+        assert same == {k: v for k, v in b.items() if k != "time" and not k.startswith("time/")}
