@@ -14,6 +14,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ class Rollout:
     ref_logprobs: np.ndarray  # (B, T)
     mask: np.ndarray  # (B, T)
     gen_logprobs: np.ndarray  # (B, T) the generation service's (behaviour policy's)
+    old: dict[str, np.ndarray] | None = None  # (B, T) trainer Forward outputs, when chunked
 
     def batch(self, index, **token_inputs: np.ndarray) -> TrainBatch:
         """The rows ``index`` with the named (B, T) per-token inputs, unpadded."""
@@ -166,8 +168,14 @@ class _Online(Job):
             lambda: {c.target: c.info().weights_version for c in self.generation_clients()}
         )
 
-    def rollout(self, step: int, group: int = 1) -> Rollout:
-        """Samples ``group`` completions of each of the round's prompts and scores them."""
+    def round_rows(self, group: int = 1) -> int:
+        """Rows (prompts x group) each round samples."""
+        return min(self.config.rollout.prompts_per_round, len(self.prompts)) * group
+
+    def rollout(self, step: int, group: int = 1, forward: Sequence[str] = ()) -> Rollout:
+        """Samples ``group`` completions of each of the round's prompts and scores them; in
+        chunked rounds, also the trainer ``Forward`` outputs ``forward`` of each chunk as soon
+        as it is generated (:meth:`_forward` then has them)."""
         c, rng = self.config, self.rng(step)
         picked = rng.sample(range(len(self.prompts)), min(c.rollout.prompts_per_round,
                                                           len(self.prompts)))  # fmt: skip
@@ -178,8 +186,9 @@ class _Online(Job):
             top_p=c.rollout.top_p, n=group, seed=rng.randrange(2**31),
         )  # fmt: skip
         start = time.perf_counter()
+        old = None
         if c.rollout.chunk_prompts:
-            samples, scores, ref = self._overlapped(prompts, params)
+            samples, scores, ref, old = self._overlapped(prompts, params, list(forward))
         else:
             with self.phase("generation"):
                 samples = self._generate(prompts, params)
@@ -197,6 +206,7 @@ class _Online(Job):
         return Rollout(
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
             np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask, generated,
+            old,
         )  # fmt: skip
 
     def _score(self, prompts: list, samples: list) -> tuple[list, list, float, float]:
@@ -214,7 +224,9 @@ class _Online(Job):
                         isolated=c.deterministic)  # fmt: skip
         return list(scores), list(ref), middle - start, time.perf_counter() - middle
 
-    def _overlapped(self, prompts: list, params: SamplingParams) -> tuple[list, list, list]:
+    def _overlapped(
+        self, prompts: list, params: SamplingParams, forward: list[str]
+    ) -> tuple[list, list, list, dict | None]:
         """Generation in chunks of ``rollout.chunk_prompts`` prompts, each chunk scored and
         given its reference log-probs as soon as it is generated. ``time/generation``,
         ``time/scoring`` and ``time/reference`` are then the phases' busy seconds (summed
@@ -237,7 +249,15 @@ class _Online(Job):
             scores, ref, scoring, reference = self._score(*map(list, zip(*entries, strict=True)))
             busy("scoring", scoring)
             busy("reference", reference)
-            return scores, ref
+            outputs = {}
+            if forward:  # the trainer is idle while a round samples
+                start = time.perf_counter()
+                rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in entries]
+                batch = TrainBatch(rows, [len(s.prompt_token_ids) for _, s in entries])
+                outputs = self.call(self.trainer.forward, batch, forward,
+                                    temperature=self.config.rollout.temperature)  # fmt: skip
+                busy("training", time.perf_counter() - start)
+            return scores, ref, outputs
 
         overlap, generated = self.config.rollout.overlap, {}
         with concurrent.futures.ThreadPoolExecutor(max(1, len(chunks_))) as scoring:
@@ -256,9 +276,11 @@ class _Online(Job):
                 scored = {i: future.result() for i, future in done.items()}
             else:  # the same requests, one phase after another
                 scored = {i: score(*generated[i]) for i in sorted(generated)}
-        scores = [x for i in range(len(chunks_)) for x in scored[i][0]]
-        ref = [x for i in range(len(chunks_)) for x in scored[i][1]]
-        return samples, scores, ref
+        order = range(len(chunks_))
+        scores = [x for i in order for x in scored[i][0]]
+        ref = [x for i in order for x in scored[i][1]]
+        old = {k: alg.pad_right([x for i in order for x in scored[i][2][k]])[0] for k in forward}
+        return samples, scores, ref, old or None
 
     def _generate(
         self, prompts: list, params: SamplingParams, *, shares: list[list[int]] | None = None,
@@ -307,7 +329,10 @@ class _Online(Job):
         return results
 
     def _forward(self, rollout: Rollout, outputs: list[str]) -> dict[str, np.ndarray]:
-        """Old log-probs (and values) of the rollout under the current policy, padded."""
+        """Old log-probs (and values) of the rollout under the current policy, padded (those
+        a chunked round computed already are not asked again)."""
+        if rollout.old is not None and set(outputs) <= rollout.old.keys():
+            return {k: rollout.old[k] for k in outputs}
         with self.phase("training"):
             result = self.call(
                 self.trainer.forward, rollout.batch(range(len(rollout.rows))),
@@ -387,9 +412,10 @@ class PPOJob(_Online):
 
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
-        rollout = self.rollout(step)
-        recompute = self._recompute(len(rollout.rows), c.ppo_epochs, default=True)
-        old = self._forward(rollout, ["logprobs", "values"] if recompute else ["values"])
+        recompute = self._recompute(self.round_rows(), c.ppo_epochs, default=True)
+        outputs = ["logprobs", "values"] if recompute else ["values"]
+        rollout = self.rollout(step, forward=outputs)
+        old = self._forward(rollout, outputs)
         values, mask = old["values"], rollout.mask
         logprobs = old["logprobs"] if recompute else rollout.gen_logprobs
         mismatch = self._mismatch(rollout, logprobs) if recompute else {}
@@ -435,7 +461,10 @@ class GRPOJob(_Online):
 
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
-        rollout = self.rollout(step, group=c.group_size)
+        recompute = c.clip_range is not None and self._recompute(
+            self.round_rows(c.group_size), c.epochs_per_round
+        )
+        rollout = self.rollout(step, group=c.group_size, forward=["logprobs"] if recompute else ())
         if c.baseline == "grpo":
             advantages = alg.grpo_advantages(rollout.scores, c.group_size, c.scale_rewards)
         else:
@@ -444,7 +473,7 @@ class GRPOJob(_Online):
         inputs = {"advantages": token_advantages}
         mismatch = {}
         if c.clip_range is not None:
-            if self._recompute(len(rollout.rows), c.epochs_per_round):
+            if recompute:
                 inputs["old_logprobs"] = self._forward(rollout, ["logprobs"])["logprobs"]
                 mismatch = self._mismatch(rollout, inputs["old_logprobs"])
             else:

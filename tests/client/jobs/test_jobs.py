@@ -523,12 +523,13 @@ def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_roun
     from slow_scorer import SLOW
 
     generation = serve("generation")
-    services = {"generation": generation.target,
-                "trainer": serve("trainer", push_targets=[generation.target]).target,
+    trainer = serve("trainer", push_targets=[generation.target])
+    services = {"generation": generation.target, "trainer": trainer.target,
                 "reward": serve("reward", scorers=[f"slow={SLOW}"]).target,
                 "reference": serve("reference").target}  # fmt: skip
-    runs = {}
+    runs, forwards = {}, {}
     for overlap in (True, False):
+        before = _forward_calls(trainer)
         config = PPOConfig(
             data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
             rollout={"prompts_per_round": 8, "max_new_tokens": 8, "scorer": "slow",
@@ -537,6 +538,9 @@ def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_roun
         )  # fmt: skip
         with Platform(**services) as platform:
             runs[overlap] = run(config, platform)
+        forwards[overlap] = _forward_calls(trainer) - before
+    # Each chunk's old log-probs and values came from its own Forward, as soon as it was scored.
+    assert forwards == {True: 8, False: 8}  # 4 chunks x 2 rounds, no Forward of the whole
     for overlapped, rows in runs.items():
         for row in rows:
             phases = row["time/generation_wall"] + row["time/scoring"] + row["time/reference"]
