@@ -476,6 +476,16 @@ def test_a_replica_that_fails_mid_round_has_its_share_sent_to_the_other(
     assert rows[1]["generation/replica0/tokens"] >= 6
 
 
+def _services(serve, scorer: str):
+    """The trainer's server and the four services' targets (reward with ``scorer``)."""
+    generation = serve("generation")
+    trainer = serve("trainer", push_targets=[generation.target])
+    return trainer, {
+        "generation": generation.target, "trainer": trainer.target,
+        "reward": serve("reward", scorers=[scorer]).target, "reference": serve("reference").target,
+    }  # fmt: skip
+
+
 def _forward_calls(trainer) -> float:
     from service_metrics import request_codes
 
@@ -489,11 +499,7 @@ def test_old_logprobs_from_the_generator_give_the_same_losses_with_fewer_forward
     """On one on-policy pass the generator's log-probs stand in for a trainer Forward: the
     losses agree (the CPU engines' log-probs agree to 1e-4); GRPO saves one Forward a round
     (PPO's Forward computes the values anyway)."""
-    generation = serve("generation")
-    trainer = serve("trainer", push_targets=[generation.target])
-    services = {"generation": generation.target, "trainer": trainer.target,
-                "reward": serve("reward", scorers=[f"oracle={SCORER}"]).target,
-                "reference": serve("reference").target}  # fmt: skip
+    trainer, services = _services(serve, f"oracle={SCORER}")
     runs, forwards = {}, {}
     for recompute in (True, False):
         options = dict(
@@ -522,11 +528,7 @@ def test_old_logprobs_from_the_generator_give_the_same_losses_with_fewer_forward
 def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_round(serve, tmp_path):
     from slow_scorer import SLOW
 
-    generation = serve("generation")
-    trainer = serve("trainer", push_targets=[generation.target])
-    services = {"generation": generation.target, "trainer": trainer.target,
-                "reward": serve("reward", scorers=[f"slow={SLOW}"]).target,
-                "reference": serve("reference").target}  # fmt: skip
+    trainer, services = _services(serve, f"slow={SLOW}")
     runs, forwards = {}, {}
     for overlap in (True, False):
         before = _forward_calls(trainer)
