@@ -30,6 +30,12 @@ from alignd.jobs.batches import chunks, load_split
 log = logging.getLogger(__name__)
 
 
+def sequences(samples: list) -> tuple[list[np.ndarray], list[int]]:
+    """Each sample's prompt + completion token ids, and its prompt length."""
+    rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for s in samples]
+    return rows, [len(s.prompt_token_ids) for s in samples]
+
+
 def split_shares(prompts: list, replicas: int, params: SamplingParams) -> list[list[int]]:
     """Prompt indices in one share per replica (at most one per prompt), balanced by the
     tokens each prompt requests, estimated as n x (characters / 4 + max_new_tokens): the
@@ -199,8 +205,7 @@ class _Online(Job):
         self.timings["rollout"] += time.perf_counter() - start
         flat = [(p, s) for p, group_ in zip(prompts, samples, strict=True) for s in group_]
         texts = [s.text for _, s in flat]
-        rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in flat]
-        lengths = [len(s.prompt_token_ids) for _, s in flat]
+        rows, lengths = sequences([s for _, s in flat])
         ref_padded, mask = alg.pad_right(ref)
         generated, _ = alg.pad_right([s.logprobs for _, s in flat])
         return Rollout(
@@ -213,14 +218,13 @@ class _Online(Job):
         """Reward scores and reference log-probs of ``samples`` (one per entry of
         ``prompts``), and the seconds each call took."""
         c = self.config
-        rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for s in samples]
+        rows, lengths = sequences(samples)
         start = time.perf_counter()
         scores = self.call(self.service("reward").score, prompts, [s.text for s in samples],
                            scorer=c.rollout.scorer or None,
                            isolated=c.deterministic)  # fmt: skip
         middle = time.perf_counter()
-        ref = self.call(self.service("reference").logprobs, rows,
-                        [len(s.prompt_token_ids) for s in samples],
+        ref = self.call(self.service("reference").logprobs, rows, lengths,
                         isolated=c.deterministic)  # fmt: skip
         return list(scores), list(ref), middle - start, time.perf_counter() - middle
 
@@ -252,8 +256,7 @@ class _Online(Job):
             outputs = {}
             if forward:  # the trainer is idle while a round samples
                 start = time.perf_counter()
-                rows = [np.concatenate([s.prompt_token_ids, s.token_ids]) for _, s in entries]
-                batch = TrainBatch(rows, [len(s.prompt_token_ids) for _, s in entries])
+                batch = TrainBatch(*sequences([s for _, s in entries]))
                 outputs = self.call(self.trainer.forward, batch, forward,
                                     temperature=self.config.rollout.temperature)  # fmt: skip
                 busy("training", time.perf_counter() - start)

@@ -119,11 +119,6 @@ class SwapGate:
         self._idle.set()
         self._one = asyncio.Lock()  # exclusive holders take turns
 
-    @property
-    def running(self) -> int:
-        """Requests inside the engine."""
-        return len(self._running)
-
     async def run(
         self, call: Callable[[], Awaitable[T]], *, restartable: bool, isolated: bool
     ) -> T:
