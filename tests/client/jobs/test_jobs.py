@@ -553,3 +553,11 @@ def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_roun
     for a, b in zip(runs[True], runs[False], strict=True):
         same = {k: v for k, v in a.items() if k != "time" and not k.startswith("time/")}
         assert same == {k: v for k, v in b.items() if k != "time" and not k.startswith("time/")}
+
+
+def test_overlap_without_chunks_is_refused_by_name():
+    from alignd.jobs.config import RolloutConfig
+
+    with pytest.raises(ValueError, match="overlap applies to chunked rounds only"):
+        RolloutConfig(overlap=False)
+    assert RolloutConfig(chunk_prompts=2, overlap=False).overlap is False

@@ -335,3 +335,29 @@ def test_shutdown_stops_a_running_request_within_a_step(serve, engine):
     registry = servicer(server).metrics.step_rows
     rows = next(s.value for m in registry.collect() for s in m.samples if s.name.endswith("_sum"))
     assert rows < 16 * LONG.max_new_tokens
+
+
+def test_an_isolated_request_runs_alone_among_concurrent_callers(server):
+    """isolated: the request's rows are batched with nothing else (its steps hold only its
+    rows) and it gives the bits it gives alone."""
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=5, ignore_eos=True)
+    with GenerationClient(server.target) as client:
+        alone = client.generate(PROMPTS[:2], params)
+    steps_before, rows_before = occupancy(server)
+
+    async def crowd():
+        async with AsyncGenerationClient(server.target) as client:
+            hold = asyncio.wrap_future(on_loop(server, held_gate(server, queued(9))))
+            others = [client.generate([p], GREEDY) for p in PROMPTS[2:10]]
+            isolated = client.generate(PROMPTS[:2], params, isolated=True)
+            results = await asyncio.gather(isolated, *others)
+            await hold
+            return results[0]
+
+    got = asyncio.run(crowd())
+    for a, b in zip(alone, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert tokens(x) == tokens(y)
+            np.testing.assert_array_equal(x.logprobs, y.logprobs)
+    steps, rows = occupancy(server)
+    assert steps - steps_before < rows - rows_before  # the other callers did share steps
