@@ -176,7 +176,12 @@ check_image() {
     'for c in gcc cc c++ g++ clang make; do if command -v "$c"; then exit 1; fi; done
      command -v flock >/dev/null' \
     || die "a compiler or make is in the final image, or flock (the chart needs it) is not"
-  docker run --rm --network none "$IMAGE" serve reward --help | grep -q -- "--metrics-port" \
+  # Read the whole help before matching: `grep -q` stops at the first match, and a help text
+  # longer than the pipe buffer then fails `docker run` with a broken pipe under pipefail.
+  local help
+  help=$(docker run --rm --network none "$IMAGE" serve reward --help) \
+    || die "alignd serve reward --help failed in the image"
+  grep -q -- "--metrics-port" <<<"$help" \
     || die "alignd serve reward --help does not list --metrics-port"
   log "image runs as $user, has no compiler, answers alignd serve reward --help"
 }
@@ -252,7 +257,7 @@ wait_serving() {
     fi
     out="$("$GRPCURL" -plaintext -max-time 2 -d '{"service": "alignd.v1.RewardService"}' \
       "127.0.0.1:$PORT" grpc.health.v1.Health/Check 2>/dev/null || true)"
-    if echo "$out" | grep -q '"SERVING"'; then
+    if grep -q '"SERVING"' <<<"$out"; then
       log "alignd.v1.RewardService SERVING after $((SECONDS - start)) s"
       return
     fi
@@ -266,7 +271,7 @@ check_service() {
   local listed scores page
   listed="$("$GRPCURL" -plaintext "127.0.0.1:$PORT" list)"
   for svc in alignd.v1.RewardService grpc.health.v1.Health; do
-    echo "$listed" | grep -qx "$svc" || die "reflection does not list $svc: $listed"
+    grep -qx "$svc" <<<"$listed" || die "reflection does not list $svc: $listed"
   done
   scores="$("$GRPCURL" -plaintext -d '{"items": [
       {"prompt": "How are you?", "response": "Great, thanks!"},
@@ -279,7 +284,7 @@ print("scores", body["scores"], "scorer", body["scorer"])' >&2 || die "Score: $s
   page="$("$PYTHON" -c 'import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
     "http://127.0.0.1:$METRICS_PORT/metrics")"
-  echo "$page" | grep -qF 'alignd_rpc_requests_total{grpc_code="OK",grpc_method="Score",grpc_service="alignd.v1.RewardService"} 1.0' \
+  grep -qF 'alignd_rpc_requests_total{grpc_code="OK",grpc_method="Score",grpc_service="alignd.v1.RewardService"} 1.0' <<<"$page" \
     || die "metrics page does not count the Score call"
   log "reflection lists the service, Score returned two scores, /metrics counts it"
 }
@@ -289,7 +294,9 @@ stop_gracefully() {
   docker stop -t 30 "$CONTAINER" >/dev/null
   code="$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")"
   [ "$code" = 0 ] || { docker logs "$CONTAINER" >&2; die "exit code $code after SIGTERM"; }
-  docker logs "$CONTAINER" 2>&1 | grep -q "stopped" || die "no 'stopped' log line after SIGTERM"
+  local logs
+  logs="$(docker logs "$CONTAINER" 2>&1)"
+  grep -q "stopped" <<<"$logs" || die "no 'stopped' log line after SIGTERM"
   log "SIGTERM: stopped with exit code 0 in $((SECONDS - start)) s"
 }
 
