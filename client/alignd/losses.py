@@ -78,13 +78,15 @@ class KTO:
 
 @dataclass(frozen=True)
 class PPO:
-    """PPO; needs old_logprobs, advantages, returns and old_values token inputs."""
+    """PPO; needs old_logprobs, advantages, returns and old_values token inputs (with
+    behaviour_logprobs too, the policy term is weighted by min(π_old / π_behaviour, is_cap))."""
 
     clip_range: float = 0.2
     value_clip_range: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     temperature: float = 1.0
+    is_cap: float = 2.0
 
     def to_proto(self) -> trainer_pb2.Loss:
         return trainer_pb2.Loss(
@@ -94,18 +96,21 @@ class PPO:
                 vf_coef=self.vf_coef,
                 entropy_coef=self.entropy_coef,
                 temperature=self.temperature,
+                is_cap=self.is_cap,
             )
         )
 
 
 @dataclass(frozen=True)
 class PolicyGradient:
-    """GRPO / RLOO / REINFORCE++; needs advantages (and old/ref log-probs as configured)."""
+    """GRPO / RLOO / REINFORCE++; needs advantages (and old/ref log-probs as configured; with
+    behaviour_logprobs too, the policy term is weighted by min(π_old / π_behaviour, is_cap))."""
 
     clip_range: float | None = None
     kl_coef: float = 0.0
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     temperature: float = 1.0
+    is_cap: float = 2.0
 
     def to_proto(self) -> trainer_pb2.Loss:
         return trainer_pb2.Loss(
@@ -114,6 +119,7 @@ class PolicyGradient:
                 kl_coef=self.kl_coef,
                 aggregation=_AGGREGATION[self.aggregation],
                 temperature=self.temperature,
+                is_cap=self.is_cap,
             )
         )
 

@@ -187,30 +187,34 @@ class KtoLoss(_message.Message):
     def __init__(self, beta: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ...) -> None: ...
 
 class PpoLoss(_message.Message):
-    __slots__ = ("clip_range", "value_clip_range", "vf_coef", "entropy_coef", "temperature")
+    __slots__ = ("clip_range", "value_clip_range", "vf_coef", "entropy_coef", "temperature", "is_cap")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     VALUE_CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     VF_COEF_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_COEF_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    IS_CAP_FIELD_NUMBER: _ClassVar[int]
     clip_range: float
     value_clip_range: float
     vf_coef: float
     entropy_coef: float
     temperature: float
-    def __init__(self, clip_range: _Optional[float] = ..., value_clip_range: _Optional[float] = ..., vf_coef: _Optional[float] = ..., entropy_coef: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    is_cap: float
+    def __init__(self, clip_range: _Optional[float] = ..., value_clip_range: _Optional[float] = ..., vf_coef: _Optional[float] = ..., entropy_coef: _Optional[float] = ..., temperature: _Optional[float] = ..., is_cap: _Optional[float] = ...) -> None: ...
 
 class PolicyGradientLoss(_message.Message):
-    __slots__ = ("clip_range", "kl_coef", "aggregation", "temperature")
+    __slots__ = ("clip_range", "kl_coef", "aggregation", "temperature", "is_cap")
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     KL_COEF_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    IS_CAP_FIELD_NUMBER: _ClassVar[int]
     clip_range: float
     kl_coef: float
     aggregation: Aggregation
     temperature: float
-    def __init__(self, clip_range: _Optional[float] = ..., kl_coef: _Optional[float] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    is_cap: float
+    def __init__(self, clip_range: _Optional[float] = ..., kl_coef: _Optional[float] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., temperature: _Optional[float] = ..., is_cap: _Optional[float] = ...) -> None: ...
 
 class Loss(_message.Message):
     __slots__ = ("cross_entropy", "bradley_terry", "dpo", "kto", "ppo", "policy_gradient")

@@ -520,11 +520,11 @@ def test_ppo_value_with_clipping_active() -> None:
     assert out.num_tokens == 5
 
 
-def ppo_written(lp, values, entropy, eps, eps_v, c_vf, c_ent) -> torch.Tensor:
+def ppo_written(lp, values, entropy, eps, eps_v, c_vf, c_ent, weights=1.0) -> torch.Tensor:
     tok = {k: t(v) for k, v in PPO_TOKENS.items()}
     adv, ret, v_old = tok["advantages"], tok["returns"], tok["old_values"]
     ratio = torch.exp(lp - tok["old_logprobs"])
-    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))
+    pg = weights * torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))
     v_clipped = v_old + torch.clamp(values - v_old, -eps_v, eps_v)
     vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2)
     n = MASK.sum()
@@ -719,6 +719,122 @@ def test_policy_gradient_errors() -> None:
     with pytest.raises(LossError) as err:
         policy_gradient(LossInputs(logprobs=t(LOGPROBS), mask=torch.zeros_like(MASK)))
     assert err.value.field == "batch.mask"
+
+
+# --- truncated importance weights (off-policy samples) ----------------------------------------
+
+# π_old / π_behaviour at the counted tokens: 1, 1.5, 3 (truncated to C = 2), 0.5, e^0.2.
+IS_RAW = [1.0, 1.5, 3.0, 0.5, math.exp(0.2)]
+IS_WEIGHTS = [1.0, 1.5, 2.0, 0.5, math.exp(0.2)]
+BEHAVIOUR = [[-0.6, -1.0 - math.log(1.5), 0.0], [-0.5 - math.log(3.0), -0.3 + math.log(2.0), -1.9]]
+IS_METRICS = {
+    "is_weight/mean": sum(IS_WEIGHTS) / 5,
+    "is_weight/max": 2.0,
+    "is_weight/clipped_fraction": 1 / 5,
+}
+
+
+def test_behaviour_logprobs_are_the_ratios_written_out() -> None:
+    for (i, j), raw in zip(COUNTED, IS_RAW, strict=True):
+        assert math.exp(PPO_TOKENS["old_logprobs"][i][j] - BEHAVIOUR[i][j]) == pytest.approx(raw)
+
+
+def test_ppo_weights_its_policy_term_by_the_truncated_importance_ratio() -> None:
+    eps, eps_v, c_vf = 0.2, 0.2, 0.1
+    inputs = ppo_inputs(values=leaf(PPO_VALUES))
+    inputs.token_inputs["behaviour_logprobs"] = t(BEHAVIOUR)
+    out = ppo(inputs, clip_range=eps, value_clip_range=eps_v, vf_coef=c_vf, is_cap=2.0)
+    pg, vf = [], []
+    for (i, j), w in zip(COUNTED, IS_WEIGHTS, strict=True):
+        r = math.exp(LOGPROBS[i][j] - PPO_TOKENS["old_logprobs"][i][j])
+        a = PPO_TOKENS["advantages"][i][j]
+        pg.append(w * max(-a * r, -a * min(max(r, 1 - eps), 1 + eps)))
+        v, v_old = PPO_VALUES[i][j], PPO_TOKENS["old_values"][i][j]
+        ret = PPO_TOKENS["returns"][i][j]
+        v_clipped = v_old + min(max(v - v_old, -eps_v), eps_v)
+        vf.append(0.5 * max((v - ret) ** 2, (v_clipped - ret) ** 2))  # not weighted
+    assert_close(out.loss, sum(pg) / 5 + c_vf * sum(vf) / 5)
+    assert out.metrics["policy_loss"] == pytest.approx(sum(pg) / 5, abs=TOL)
+    assert {k: out.metrics[k] for k in IS_METRICS} == pytest.approx(IS_METRICS, abs=TOL)
+    # A higher cap lets the third token's weight through untruncated.
+    loose = ppo(inputs, clip_range=eps, value_clip_range=eps_v, vf_coef=c_vf, is_cap=4.0)
+    assert loose.metrics["is_weight/max"] == pytest.approx(3.0)
+    assert loose.metrics["is_weight/clipped_fraction"] == 0.0
+    # Without behaviour log-probs there is no weight (w = 1) and no metric.
+    plain = ppo(ppo_inputs(values=leaf(PPO_VALUES)), clip_range=eps, vf_coef=c_vf)
+    assert not any(k.startswith("is_weight/") for k in plain.metrics)
+
+
+def is_weights() -> torch.Tensor:
+    """IS_WEIGHTS at the counted tokens of a (2, 3) tensor, 0 elsewhere."""
+    weights = torch.zeros_like(MASK)
+    for (i, j), w in zip(COUNTED, IS_WEIGHTS, strict=True):
+        weights[i, j] = w
+    return weights
+
+
+def test_the_importance_weight_is_a_constant_of_the_gradient() -> None:
+    lp, values, entropy = leaf(LOGPROBS), leaf(PPO_VALUES), leaf(PPO_ENTROPY)
+    inputs = ppo_inputs(lp, values, entropy)
+    inputs.token_inputs["behaviour_logprobs"] = t(BEHAVIOUR)
+    out = ppo(inputs, 0.2, 0.2, 0.1, 0.01)
+    written = ppo_written(lp, values, entropy, 0.2, 0.2, 0.1, 0.01, weights=is_weights())
+    got, want = grad_of(out.loss, lp, values, entropy), grad_of(written, lp, values, entropy)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_policy_gradient_weights_its_policy_term_not_its_kl(aggregation) -> None:
+    beta, clip = 0.05, 0.2
+    lp = leaf(LOGPROBS)
+    inputs = pg_inputs(lp, keys=("advantages", "old_logprobs", "ref_logprobs"))
+    inputs.token_inputs["behaviour_logprobs"] = t(BEHAVIOUR)
+    out = policy_gradient(inputs, clip_range=clip, kl_coef=beta, aggregation=aggregation)
+    losses, k3s = pg_by_hand(clip, beta)
+    weights = [IS_WEIGHTS[:2], IS_WEIGHTS[2:]]
+    per_token = [
+        [w * x + beta * k for w, x, k in zip(ws, xs, ks, strict=True)]
+        for ws, xs, ks in zip(weights, losses, k3s, strict=True)
+    ]
+    if aggregation == "token_mean":
+        expected = sum(sum(row) for row in per_token) / 5
+    else:
+        expected = (sum(per_token[0]) / 2 + sum(per_token[1]) / 3) / 2
+    assert_close(out.loss, expected)
+    assert {k: out.metrics[k] for k in IS_METRICS} == pytest.approx(IS_METRICS, abs=TOL)
+    # Its gradient: w·∇(clipped surrogate) + β·∇k3, with w held constant.
+    w = is_weights()
+    ratio = torch.exp(lp - t(PG_OLD))
+    adv, d = t(PG_ADV), t(PG_REF) - lp
+    surrogate = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    written = w * surrogate + beta * (torch.exp(d) - d - 1)
+    if aggregation == "token_mean":
+        written = (written * MASK).sum() / MASK.sum()
+    else:
+        written = ((written * MASK).sum(-1) / MASK.sum(-1)).mean()
+    assert_close(grad_of(out.loss, lp)[0], grad_of(written, lp)[0])
+
+
+def test_importance_weights_ignore_padding_and_need_old_logprobs() -> None:
+    keys = ("advantages", "old_logprobs")
+    clean = pg_inputs(t(LOGPROBS), keys)
+    clean.token_inputs["behaviour_logprobs"] = t(BEHAVIOUR)
+    dirty = pg_inputs(t(LOGPROBS), keys, fill=float("nan"))
+    dirty.token_inputs["behaviour_logprobs"] = with_padding(t(BEHAVIOUR), MASK, float("-inf"))
+    a, b = policy_gradient(clean, clip_range=0.2), policy_gradient(dirty, clip_range=0.2)
+    assert_close(b.loss, a.loss)
+    assert b.metrics == pytest.approx(a.metrics)
+    alone = pg_inputs(keys=("advantages",))
+    alone.token_inputs["behaviour_logprobs"] = t(BEHAVIOUR)
+    with pytest.raises(LossError, match="required with behaviour_logprobs") as err:
+        policy_gradient(alone)
+    assert err.value.field == 'batch.token_inputs["old_logprobs"]'
+    broken = pg_inputs(keys=keys)
+    broken.token_inputs["behaviour_logprobs"] = t([[float("nan"), 0.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(LossError, match="must be finite") as err:
+        policy_gradient(broken)
+    assert err.value.field == 'batch.token_inputs["behaviour_logprobs"]'
 
 
 # --- registry ----------------------------------------------------------------------------------

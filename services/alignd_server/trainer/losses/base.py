@@ -169,6 +169,37 @@ def require_sequence_input(inputs: LossInputs, key: str, rows: int) -> torch.Ten
     return tensor
 
 
+def importance_weights(
+    inputs: LossInputs, old_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance weights w = min(π_old / π_behaviour, C) per token, when the batch
+    carries ``token_inputs["behaviour_logprobs"]`` (the log-probs of the policy that sampled
+    the tokens: an older weights version on the generation service, or its numerics), else
+    ``None``. Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training" (truncated importance sampling); TRL's ``vllm_importance_sampling_cap``.
+
+    The weight is a constant of the gradient (no gradient flows through it). Metrics, over the
+    counted tokens: ``is_weight/mean`` and ``is_weight/max`` of w, and
+    ``is_weight/clipped_fraction``, the fraction where π_old / π_behaviour > C.
+
+    Raises:
+        LossError: ``behaviour_logprobs`` is malformed or not finite.
+    """
+    if "behaviour_logprobs" not in inputs.token_inputs:
+        return None, {}
+    behaviour = require_token_input(inputs, "behaviour_logprobs", mask, finite=True)  # (B, T)
+    with torch.no_grad():
+        ratio = torch.exp(old_logprobs.detach() - behaviour)  # (B, T)
+        weights = torch.clamp(ratio, max=cap)  # (B, T)
+        counted = mask.bool()
+        metrics = {
+            "is_weight/mean": float(masked_mean(weights, mask)),
+            "is_weight/max": float(weights[counted].max()),
+            "is_weight/clipped_fraction": float(masked_mean((ratio > cap).to(ratio), mask)),
+        }
+    return weights, metrics
+
+
 def split_pairs(rows: int, name: str) -> int:
     """The number of pairs P in a batch of ``rows`` = 2P rows: chosen [0, P), rejected [P, 2P).
 

@@ -10,11 +10,15 @@ leave-one-out for RLOO, batch-normalised for REINFORCE++) and r the probability 
           max(−A·r, −A·clip(r, 1−ε, 1+ε))           (Schulman et al. 2017)
     k3  = exp(ref − log π) − (ref − log π) − 1       (Schulman 2020, "Approximating KL
                                                        Divergence"; Shao et al. 2024, GRPO)
-    ℓ   = L + β·k3
+    ℓ   = w·L + β·k3
 
 reduced by ``token_mean`` (the mean of ℓ over every counted token of the batch) or by
 ``sequence_mean`` (the mean over rows of each row's mean, as in Shao et al. 2024,
-"DeepSeekMath"; rows without counted tokens are left out).
+"DeepSeekMath"; rows without counted tokens are left out). w is 1 unless the batch carries the
+behaviour policy's log-probs (the generation service's, for tokens sampled by an older weights
+version in off-policy rounds): then w = min(π_old / π_behaviour, C), truncated importance
+sampling (Yao et al. 2025; TRL GRPO's ``vllm_importance_sampling_correction``, which also
+leaves the KL term unweighted), a constant of the gradient; it needs ``old_logprobs``.
 """
 
 from __future__ import annotations
@@ -24,14 +28,23 @@ from typing import Literal
 import torch
 
 from alignd_server.trainer.losses.base import (
+    LossError,
     LossInputs,
     LossOutput,
+    importance_weights,
     masked_mean,
     require_policy,
     require_token_input,
     token_count,
 )
-from alignd_server.trainer.losses.spec import CAUSAL_LM, CLIP, COEFFICIENT, LossSpec, Param
+from alignd_server.trainer.losses.spec import (
+    CAUSAL_LM,
+    CLIP,
+    COEFFICIENT,
+    IS_CAP,
+    LossSpec,
+    Param,
+)
 
 Aggregation = Literal["token_mean", "sequence_mean"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "sequence_mean")
@@ -42,21 +55,26 @@ def policy_gradient(
     clip_range: float | None = None,
     kl_coef: float = 0.0,
     aggregation: Aggregation = "token_mean",
+    is_cap: float = 2.0,
 ) -> LossOutput:
     """The (optionally clipped) policy-gradient loss plus β·k3, reduced by ``aggregation``.
 
     Args:
         inputs: needs ``logprobs``, ``mask`` and ``token_inputs["advantages"]`` (B, T);
             optional ``token_inputs["old_logprobs"]``; ``token_inputs["ref_logprobs"]`` when
-            ``kl_coef > 0`` (if given with ``kl_coef == 0`` it is only logged).
+            ``kl_coef > 0`` (if given with ``kl_coef == 0`` it is only logged); optional
+            ``token_inputs["behaviour_logprobs"]``, with ``old_logprobs``, which turns the
+            importance weight on.
         clip_range: ε; ``None`` leaves the ratio unclipped.
         kl_coef: β, the weight of the k3 penalty.
         aggregation: ``token_mean`` or ``sequence_mean``.
+        is_cap: C, the truncation of the importance weight.
 
     Returns:
         The loss; metrics ``policy_loss`` (the reduced L, without the penalty), ``kl`` (the
         token mean of k3, when ``ref_logprobs`` is given) and ``clip_fraction`` (fraction of
-        tokens with |r − 1| > ε, when clipping).
+        tokens with |r − 1| > ε, when clipping) and, with ``behaviour_logprobs``,
+        ``is_weight/mean``, ``/max`` and ``/clipped_fraction``.
 
     Raises:
         LossError: a needed input is missing or malformed, or advantages are not finite.
@@ -68,6 +86,11 @@ def policy_gradient(
     advantages = require_token_input(inputs, "advantages", mask, finite=True)  # (B, T)
     if "old_logprobs" in inputs.token_inputs:
         old_logprobs = require_token_input(inputs, "old_logprobs", mask)  # (B, T)
+    elif "behaviour_logprobs" in inputs.token_inputs:
+        raise LossError(
+            'batch.token_inputs["old_logprobs"]',
+            "is required with behaviour_logprobs (the importance weight is π_old / π_behaviour)",
+        )
     else:
         old_logprobs = logprobs.detach()
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
@@ -76,6 +99,9 @@ def policy_gradient(
     if clip_range is not None:
         clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # (B, T)
         pg_losses = torch.max(pg_losses, -advantages * clipped)
+    weights, is_metrics = importance_weights(inputs, old_logprobs, mask, is_cap)
+    if weights is not None:
+        pg_losses = weights * pg_losses
     per_token = pg_losses  # (B, T)
 
     k3 = None
@@ -86,7 +112,7 @@ def policy_gradient(
         if kl_coef > 0:
             per_token = per_token + kl_coef * k3
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(is_metrics)
     with torch.no_grad():
         metrics["policy_loss"] = float(_reduce(pg_losses, mask, aggregation))
         if k3 is not None:
@@ -118,8 +144,9 @@ SPEC = LossSpec(
         Param("aggregation", "token_mean", choices=AGGREGATIONS),
         Param("clip_range", None, CLIP),
         Param("kl_coef", 0.0, COEFFICIENT),
+        Param("is_cap", 2.0, IS_CAP),
     ),
     model=CAUSAL_LM,
-    token_inputs=("advantages", "old_logprobs", "ref_logprobs"),
+    token_inputs=("advantages", "old_logprobs", "ref_logprobs", "behaviour_logprobs"),
     temperature=True,
 )

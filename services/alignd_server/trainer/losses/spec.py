@@ -33,6 +33,8 @@ POSITIVE = Range(0.0, 1e3, open_low=True)
 CLIP = Range(0.0, 10.0, open_low=True)
 FRACTION = Range(0.0, 1.0, open_high=True)
 BELOW_HALF = Range(0.0, 0.5, open_high=True)
+IS_CAP = Range(1.0, 1e3)
+"""The truncation C of an importance weight min(π_old / π_behaviour, C)."""
 
 
 @dataclass(frozen=True)
