@@ -107,3 +107,17 @@ def from_rpc_error(err: grpc.RpcError, method: str = "") -> AligndError:
     if cls is AligndError:
         error.code = code
     return error
+
+
+def from_status_text(text: str, method: str = "") -> AligndError:
+    """The :class:`AligndError` of a status written as ``"CODE_NAME: details"`` (as a
+    PushResult's ``error`` is); an unknown name gives an UNKNOWN error with the whole text."""
+    name, _, details = text.partition(": ")
+    code = grpc.StatusCode.__members__.get(name)
+    if code is None:
+        return AligndError(text, method=method)
+    cls = _BY_CODE.get(code, AligndError)
+    error = cls(details, method=method)
+    if cls is AligndError:
+        error.code = code
+    return error

@@ -80,6 +80,8 @@ class Job:
         self.counts: dict[str, float] = defaultdict(float)  # this step's counters, logged as is
         self.total_steps = 0
         self._rediscovering = threading.Lock()  # calls may run on several threads
+        self._accounting = threading.Lock()  # guards timings and counts
+        self._stopping = threading.Event()  # the run is ending: calls stop retrying
         self._step = 0  # the step running now (0 while setting up)
 
     # ---- what subclasses provide -------------------------------------------------------
@@ -102,6 +104,9 @@ class Job:
     def after_checkpoint(self, step: int, path) -> None:
         """Called after each checkpoint (PPO pushes weights here, for instance)."""
 
+    def finish(self) -> None:
+        """Called once the run ends, finished or failed (stops background work)."""
+
     # ---- the driver ----------------------------------------------------------------------
 
     def run(self) -> Iterator[dict[str, Any]]:
@@ -118,6 +123,7 @@ class Job:
 
     def _run_steps(self) -> Iterator[dict[str, Any]]:
         self._step = 0
+        self._stopping.clear()
         with self.phase("setup"):
             self.setup()
             self.initialize_trainer()
@@ -137,16 +143,19 @@ class Job:
                         metrics.update(self.evaluate(step))
                 if last or (self.config.save_every and step % self.config.save_every == 0):
                     self.save(step, final=last)
-                metrics.update({f"time/{k}": v for k, v in self.timings.items()})
-                metrics.update(self.counts)
+                with self._accounting:  # the first step's row also carries the setup phases
+                    metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+                    metrics.update(self.counts)
+                    self.timings.clear()
+                    self.counts.clear()
                 row = self.run_dir.log(step, metrics)
-                self.timings.clear()  # the first step's row also carries the setup phases
-                self.counts.clear()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(_summary(metrics), refresh=False)
                 yield row
         finally:
+            self._stopping.set()
+            self.finish()
             if bar is not None:
                 bar.close()
             self.run_dir.plot()
@@ -200,7 +209,17 @@ class Job:
         try:
             yield
         finally:
-            self.timings[name] += time.perf_counter() - start
+            self.add_time(name, time.perf_counter() - start)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        """Adds ``seconds`` to this step's ``time/<name>`` (from any thread)."""
+        with self._accounting:
+            self.timings[name] += seconds
+
+    def add_count(self, name: str, value: float) -> None:
+        """Adds ``value`` to this step's counter ``name`` (from any thread)."""
+        with self._accounting:
+            self.counts[name] += value
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Calls ``fn``, retrying transient failures with exponential backoff for up to
@@ -213,10 +232,11 @@ class Job:
             try:
                 return fn(*args, **kwargs)
             except TRANSIENT as err:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or self._stopping.is_set():
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", _name(fn), err, delay)
-                time.sleep(delay)
+                if self._stopping.wait(delay):
+                    raise
                 delay = min(delay * 2, 10.0)
                 self.rediscover()
 

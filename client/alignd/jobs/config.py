@@ -224,6 +224,20 @@ class _OnlineConfig(JobConfig):
     on-policy pass takes the generator's. When both exist, their mismatch is logged each
     round (``logprob_mismatch/mean_abs``, ``/max``). The vllm engine's log-probs are taken
     after top-p/top-k filtering: with ``top_p`` < 1, recompute."""
+    off_policy_steps: int = Field(0, ge=0, le=8)
+    """K ≥ 1: off-policy rounds — the rollouts of the next K rounds are generated while the
+    current round trains, by the weights version the replicas hold (round t samples with the
+    weights of round t − K, the first rounds with the first weights), and each sample keeps
+    the version that produced it; staleness (the trainer's version − the sample's, at most K)
+    is logged as ``staleness/mean``, ``/max``. The loss weights each token by the truncated
+    importance weight min(π_old / π_behaviour, ``is_cap``) with π_old the trainer's log-probs
+    when it trains on the round (always recomputed) and π_behaviour the generator's
+    (``is_weight/mean``, ``/max``, ``/clipped_fraction``). A checkpoint keeps the rollouts
+    generated ahead (``rollouts/`` in the run directory), so a resumed run repeats the same
+    rounds; ahead rollouts lost with the process are generated again. 0: synchronous rounds."""
+    is_cap: float = Field(2.0, ge=1, le=1000)
+    """C, the truncation of the importance weight of off-policy rounds (TRL's
+    ``vllm_importance_sampling_cap``); only with ``off_policy_steps`` ≥ 1."""
 
     @model_validator(mode="after")
     def _no_epochs(self) -> _OnlineConfig:
@@ -231,6 +245,20 @@ class _OnlineConfig(JobConfig):
             raise ValueError(
                 "epochs does not apply to online jobs: they run `rounds` rounds (capped by "
                 "max_steps), each with ppo_epochs / epochs_per_round passes over its samples"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _off_policy(self) -> _OnlineConfig:
+        if not self.off_policy_steps:
+            if "is_cap" in self.model_fields_set:
+                raise ValueError(
+                    "is_cap applies to off-policy rounds only: set off_policy_steps too"
+                )
+        elif self.recompute_old_logprobs is False:
+            raise ValueError(
+                "off_policy_steps needs recompute_old_logprobs (unset or true): the importance "
+                "weight compares the trainer's log-probs with the generator's"
             )
         return self
 

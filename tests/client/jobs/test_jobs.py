@@ -526,7 +526,7 @@ def test_old_logprobs_from_the_generator_give_the_same_losses_with_fewer_forward
 
 
 def test_overlapped_rounds_take_less_than_their_phases_and_match_the_serial_round(serve, tmp_path):
-    from slow_scorer import SLOW
+    from function_scorers import SLOW
 
     trainer, services = _services(serve, f"slow={SLOW}")
     runs, forwards = {}, {}
@@ -561,3 +561,167 @@ def test_overlap_without_chunks_is_refused_by_name():
     with pytest.raises(ValueError, match="overlap applies to chunked rounds only"):
         RolloutConfig(overlap=False)
     assert RolloutConfig(chunk_prompts=2, overlap=False).overlap is False
+
+
+def _off_policy(kind: str, tmp_path, name: str, **extra):
+    options = dict(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=4,
+        rollout={"prompts_per_round": 2, "max_new_tokens": 8, "scorer": "length"},
+        deterministic=True, **{**common(tmp_path, name), "optim": {"lr": 1e-2},
+                               "batch_size": 8, "micro_batch_size": 4, **extra},
+    )  # fmt: skip
+    if kind == "grpo":  # 8 rows a round: one optimizer step of two ForwardBackward calls
+        return GRPOConfig(group_size=4, **options)
+    return PPOConfig(ppo_epochs=1, **options)
+
+
+def _versions_pushed(trainer) -> float:
+    from service_metrics import request_codes
+
+    return request_codes(trainer, "PushWeights").get("OK", 0.0)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_off_policy_rounds_train_on_samples_of_the_previous_weights_with_importance_weights(
+    serve, tmp_path, kind
+):
+    from function_scorers import BY_LENGTH
+
+    trainer, services = _services(serve, f"length={BY_LENGTH}")
+    before = _versions_pushed(trainer)
+    with Platform(**services) as platform:
+        rows = run(_off_policy(kind, tmp_path, f"{kind}-off", off_policy_steps=1), platform)
+        served = GenerationClient(services["generation"]).info().weights_version
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # Round 1 samples the first weights; every later round the weights of the round before.
+    assert [row["staleness/mean"] for row in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert [row["staleness/max"] for row in rows] == [0.0, 1.0, 1.0, 1.0]
+    for row in rows:
+        assert 0 < row["is_weight/mean"] <= 2.0 and row["is_weight/max"] <= 2.0
+        assert 0 <= row["is_weight/clipped_fraction"] <= 1
+    for row in rows[:-1]:  # the next round's generation ran while this one trained
+        assert row["time/generation"] > 0
+    assert "time/generation" not in rows[-1]  # nothing is left to generate ahead
+    # Round 1's behaviour and old policies are the same weights (the engines agree to 1e-4);
+    # later rounds' differ by one optimizer step.
+    assert rows[0]["logprob_mismatch/max"] < 1e-3
+    assert abs(rows[0]["is_weight/mean"] - 1.0) < 1e-3
+    assert max(row["logprob_mismatch/max"] for row in rows[1:]) > rows[0]["logprob_mismatch/max"]
+    # One push per round, plus the first weights.
+    assert _versions_pushed(trainer) - before == 5
+    assert served == rows[-1]["step"] + 1 + (served - 5)  # the last push serves
+
+
+def test_a_resumed_off_policy_run_trains_on_the_rollouts_it_had_generated_ahead(
+    serve, tmp_path, monkeypatch
+):
+    """The trainer fails in round 3 while round 4's rollout is being generated; the resumed
+    run trains round 3 on the rollout saved with round 2's checkpoint (sampled by round 2's
+    weights), generates round 4's again, and logs what an uninterrupted run logs."""
+    from alignd.jobs import JobFailed
+    from alignd_server.common.errors import Unavailable
+    from alignd_server.trainer.servicer import TrainerServicer
+
+    calls, failing = [], [False]
+    original = TrainerServicer.ForwardBackward
+
+    async def fails_in_round_3(self, request, context):
+        if failing[0]:
+            calls.append(1)
+            if len(calls) == 5:  # two ForwardBackward calls a round
+                raise Unavailable("the trainer is restarting")
+        return await original(self, request, context)
+
+    from function_scorers import BY_LENGTH
+
+    monkeypatch.setattr(TrainerServicer, "ForwardBackward", fails_in_round_3)  # before serving
+    trainer, services = _services(serve, f"length={BY_LENGTH}")
+    with Platform(**services) as platform:
+        whole = run(_off_policy("grpo", tmp_path, "whole", off_policy_steps=1), platform)
+        failing[0] = True
+        config = _off_policy("grpo", tmp_path, "resumed", off_policy_steps=1, save_every=1)
+        with pytest.raises(JobFailed, match="at step 3 of 4"):
+            run(config, platform)
+        state = json.loads((config.run_dir / "state.json").read_text())
+        assert state["step"] == 2 and state["ahead"] == {"3": "step-3.npz"}
+        assert sorted(p.name for p in (config.run_dir / "rollouts").iterdir()) == ["step-3.npz"]
+        failing[0] = False
+        resumed = run(config, platform, resume=True)
+    assert [row["step"] for row in resumed] == [3, 4]
+    logged = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").open()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]  # every round once
+
+    def same(row):
+        return {k: v for k, v in row.items() if k != "time" and not k.startswith("time/")}
+
+    assert [same(row) for row in logged] == [same(row) for row in whole]
+    assert not list((config.run_dir / "rollouts").iterdir())  # none needed any more
+
+
+def test_a_rollout_generated_ahead_is_written_and_read_back_array_for_array(tmp_path):
+    from alignd.jobs.online import Rollout
+
+    rollout = Rollout(
+        ["text prompt", [{"role": "user", "content": "Hi"}]],
+        [np.array([1, 2, 3, 4]), np.array([5, 6, 7])], [2, 1], ["a", "bé"],
+        np.array([0.5, -1.25]), np.array([True, False]),
+        np.array([[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]], np.float32),
+        np.array([[1, 1, 0], [1, 1, 1]], np.float32),
+        np.array([[-0.11, -0.21, 0.0], [-0.31, -0.41, -0.51]], np.float32),
+        np.array([7, 7]),
+    )  # fmt: skip
+    rollout.save(tmp_path / "step-3.npz")
+    back = Rollout.load(tmp_path / "step-3.npz")
+    assert back.prompts == rollout.prompts and back.texts == rollout.texts
+    assert back.prompt_lengths == rollout.prompt_lengths
+    for a, b in zip(back.rows, rollout.rows, strict=True):
+        assert a.tolist() == b.tolist()
+    for name in ("scores", "eos", "ref_logprobs", "mask", "gen_logprobs", "versions"):
+        got, want = getattr(back, name), getattr(rollout, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert [p.name for p in tmp_path.iterdir()] == ["step-3.npz"]
+
+
+def test_off_policy_settings_are_refused_where_they_cannot_apply():
+    base = dict(data={"path": TASK.train_prompts}, run_dir="runs/x")
+    with pytest.raises(ValueError, match="is_cap applies to off-policy rounds only"):
+        GRPOConfig(is_cap=3.0, **base)
+    with pytest.raises(ValueError, match="off_policy_steps needs recompute_old_logprobs"):
+        PPOConfig(off_policy_steps=1, recompute_old_logprobs=False, **base)
+    assert GRPOConfig(off_policy_steps=2, is_cap=3.0, **base).is_cap == 3.0
+    with pytest.raises(ValueError, match="off_policy_steps"):
+        GRPOConfig(off_policy_steps=9, **base)
+
+
+def test_a_refused_weight_push_fails_the_job_at_once(serve, tmp_path, monkeypatch):
+    """Only a replica that is restarting (UNAVAILABLE and the like) is pushed to again; a
+    replica that refuses the weights fails the job on the first try, naming the refusal."""
+    from alignd.errors import InvalidArgumentError, from_status_text
+    from alignd.jobs import JobFailed
+    from alignd_server.common.errors import InvalidArgument
+    from alignd_server.generation.servicer import GenerationServicer
+
+    pushes = []
+
+    async def refuses(self, request_iterator, context):
+        pushes.append(1)
+        async for _ in request_iterator:  # the header, as the servicer's own check reads it
+            break
+        raise InvalidArgument("header.version", "this replica refuses every push")
+
+    monkeypatch.setattr(GenerationServicer, "UpdateWeights", refuses)  # before serving
+    trainer, services = _services(serve, f"oracle={SCORER}")
+    config = PPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=1,
+        rollout={"prompts_per_round": 2, "max_new_tokens": 4, "scorer": "oracle"},
+        retry_seconds=600, **common(tmp_path, "refused"),
+    )  # fmt: skip
+    with Platform(**services) as platform, pytest.raises(JobFailed) as failed:
+        run(config, platform)
+    assert isinstance(failed.value.cause, InvalidArgumentError)
+    assert "PushWeights: INVALID_ARGUMENT" in str(failed.value)
+    assert "refuses every push" in str(failed.value)
+    assert len(pushes) == 1
+    error = from_status_text("UNAVAILABLE: restarting", "PushWeights")
+    assert type(error).__name__ == "UnavailableError" and error.details == "restarting"
+    assert from_status_text("not a status").details == "not a status"
