@@ -635,7 +635,7 @@ def test_a_resumed_off_policy_run_trains_on_the_rollouts_it_had_generated_ahead(
     from function_scorers import BY_LENGTH
 
     monkeypatch.setattr(TrainerServicer, "ForwardBackward", fails_in_round_3)  # before serving
-    trainer, services = _services(serve, f"length={BY_LENGTH}")
+    _, services = _services(serve, f"length={BY_LENGTH}")
     with Platform(**services) as platform:
         whole = run(_off_policy("grpo", tmp_path, "whole", off_policy_steps=1), platform)
         failing[0] = True
@@ -710,7 +710,7 @@ def test_a_refused_weight_push_fails_the_job_at_once(serve, tmp_path, monkeypatc
         raise InvalidArgument("header.version", "this replica refuses every push")
 
     monkeypatch.setattr(GenerationServicer, "UpdateWeights", refuses)  # before serving
-    trainer, services = _services(serve, f"oracle={SCORER}")
+    _, services = _services(serve, f"oracle={SCORER}")
     config = PPOConfig(
         data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=1,
         rollout={"prompts_per_round": 2, "max_new_tokens": 4, "scorer": "oracle"},
