@@ -11,7 +11,12 @@ BENCH_VENV ?= .venv-bench
 BENCH_BIN := $(BENCH_VENV)/bin
 BENCH_ARGS ?= --pairs 64 --batch 8 --max-length 128 --steps 6 --warmup 2
 
-.PHONY: setup setup-vllm setup-bench bench-trainer tools test test-slow test-fuzz test-container test-vllm gpu-wheels demo protos protos-check lint format clean
+# TRL's PPO lives in trl.experimental.ppo only up to trl 1.12: its own environment.
+BENCH_PPO_VENV ?= .venv-bench-ppo
+BENCH_PPO_BIN := $(BENCH_PPO_VENV)/bin
+BENCH_RL_ARGS ?=
+
+.PHONY: setup setup-vllm setup-bench setup-bench-ppo bench-trainer bench-rl tools test test-slow test-fuzz test-container test-vllm gpu-wheels demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
 
@@ -49,6 +54,24 @@ $(BENCH_VENV)/.setup-done: pyproject.toml constraints.txt
 bench-trainer: setup-bench
 	$(BENCH_BIN)/alignd models prepare
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BENCH_BIN)/python bench/trainer_step.py $(BENCH_ARGS)
+
+# The PPO peer's environment: torch first, pinned; the project (for the task's oracle and the
+# model registry) and trl 1.12, whose experimental PPOTrainer the RL round benchmark drives.
+setup-bench-ppo: $(BENCH_PPO_VENV)/.setup-done
+
+$(BENCH_PPO_VENV)/.setup-done: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_PPO_VENV)
+	$(BENCH_PPO_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_PPO_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_PPO_BIN)/python -m pip install -q -c constraints.txt -e '.[serve]' trl==1.12.0 'datasets>=4.7'
+	touch $@
+
+# An online RL round against TRL (GRPO, PPO) and alignd's serial / overlapped / off-policy
+# rounds; the PPO peer runs in its own environment. One torch thread per process unless set.
+bench-rl: setup-bench setup-bench-ppo
+	$(BENCH_BIN)/alignd models prepare
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BENCH_BIN)/python bench/rl_round.py \
+	  --ppo-python $(BENCH_PPO_BIN)/python $(BENCH_RL_ARGS)
 
 # Outside tools the integration tests use (grpcurl comes with the dev extra).
 tools:
@@ -103,4 +126,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) .pytest_cache .ruff_cache .hypothesis
