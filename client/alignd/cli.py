@@ -62,7 +62,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
         return 2
     output = args.resume or args.output
-    return run_demo(home=args.home, quick=args.quick, output=output, resume=bool(args.resume))
+    return run_demo(home=args.home, quick=args.quick, output=output, resume=bool(args.resume),
+                    off_policy_steps=args.off_policy_steps)  # fmt: skip
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -320,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the demo in DIR (its --output): finished jobs are kept, an interrupted "
         "one resumes from its last checkpoint",
+    )
+    demo.add_argument(
+        "--off-policy-steps",
+        type=int,
+        default=0,
+        choices=range(9),
+        metavar="K",
+        help="PPO generates the next K rounds while a round trains, with importance "
+        "correction (0-8; default 0: synchronous rounds)",
     )
     demo.set_defaults(func=_cmd_demo)
 

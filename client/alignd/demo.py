@@ -57,9 +57,9 @@ def _models(out: Path, home: str | None, quick: bool) -> tuple[str, str]:
     return by_name["smollm2-135m"], by_name["minilm-l6"]
 
 
-def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
+def configs(out: Path, policy: str, backbone: str, quick: bool, off_policy_steps: int = 0) -> dict:
     """The four job configs of the demo (sizes fit 20 minutes on 2 CPU cores), deterministic:
-    two runs give bit-identical metrics."""
+    two runs give bit-identical metrics. ``off_policy_steps``: PPO's (0: synchronous rounds)."""
     task, runs = load_task(), out / "runs"
     sft_model = str((runs / "sft" / "checkpoints" / "final").resolve())
     scale = 4 if quick else 1
@@ -79,7 +79,7 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
         data={"path": task.train_prompts, "held_out": 0.05}, rounds=10 // scale,
         rollout={"prompts_per_round": 16, "max_new_tokens": 24 // scale},
         ppo_epochs=2, kl_coef=0.02, missing_eos_penalty=1.0, vf_coef=0.1,
-        optim={"lr": 2e-5}, deterministic=True,
+        off_policy_steps=off_policy_steps, optim={"lr": 2e-5}, deterministic=True,
     )  # fmt: skip
     dpo = DPOConfig(
         name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,
@@ -91,12 +91,14 @@ def configs(out: Path, policy: str, backbone: str, quick: bool) -> dict:
 
 
 def run_demo(
-    home: str | None = None, quick: bool = False, output: str | None = None, resume: bool = False
-) -> int:
+    home: str | None = None, quick: bool = False, output: str | None = None, resume: bool = False,
+    off_policy_steps: int = 0,
+) -> int:  # fmt: skip
     """Runs the demo; returns the exit code (1 if a check or a job fails).
 
     With ``resume``, continues the demo in ``output``: jobs it finished are not run again, a
     job it interrupted resumes from its last checkpoint, and the evaluations run again.
+    ``off_policy_steps`` > 0 runs PPO's rounds off-policy (see the PPO job's setting).
     """
     started = time.perf_counter()
     out = Path(output or "alignd-demo").resolve()
@@ -106,7 +108,7 @@ def run_demo(
     print(f"== alignd demo ({'quick, tiny models' if quick else 'SmolLM2-135M + MiniLM-L6'}) "
           f"-> {out}{', resumed' if resume else ''}")  # fmt: skip
     policy, backbone = _models(out, home, quick)
-    jobs = configs(out, policy, backbone, quick)
+    jobs = configs(out, policy, backbone, quick, off_policy_steps)
     for name, config in jobs.items():
         text = yaml.safe_dump(config.model_dump(mode="json"))
         (out / "configs" / f"{name}.yaml").write_text(text)
@@ -115,6 +117,7 @@ def run_demo(
     except JobFailed as err:
         again = ["alignd", "demo", "--resume", str(out)]
         again += (["--quick"] if quick else []) + (["--home", home] if home else [])
+        again += ["--off-policy-steps", str(off_policy_steps)] if off_policy_steps else []
         print(f"alignd demo: {err}; continue with: {shlex.join(again)}", file=sys.stderr)
         return 1
     summary["seconds"] = round(time.perf_counter() - started, 1)

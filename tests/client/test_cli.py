@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from alignd.cli import main
 
 
@@ -96,3 +98,19 @@ def test_serve_on_a_busy_metrics_port_names_it():
         result = alignd("serve", "trainer", "--port", "0", "--metrics-port", str(port))
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_demo_off_policy_steps_reach_the_ppo_job_and_are_bounded(tmp_path, monkeypatch, capsys):
+    import alignd.demo
+    from alignd.demo import configs
+
+    jobs = configs(tmp_path, "policy", "backbone", quick=True, off_policy_steps=1)
+    assert jobs["ppo"].off_policy_steps == 1
+    assert configs(tmp_path, "policy", "backbone", quick=True)["ppo"].off_policy_steps == 0
+    seen = {}
+    monkeypatch.setattr(alignd.demo, "run_demo", lambda **kwargs: seen.update(kwargs) or 0)
+    assert main(["demo", "--quick", "--off-policy-steps", "2"]) == 0
+    assert seen["off_policy_steps"] == 2
+    with pytest.raises(SystemExit):
+        main(["demo", "--off-policy-steps", "9"])
+    assert "--off-policy-steps: invalid choice: 9" in capsys.readouterr().err
