@@ -371,9 +371,10 @@ class _Online(Job):
         """After round ``step`` trained: every replica serves its weights (version + 1) — in
         off-policy rounds once the generation of the rounds ahead is over, so each of them
         is sampled by one version only."""
-        with self.phase("generation_wait"):
-            for ahead in self._ahead.values():
-                ahead.generated.wait()
+        if self._ahead:
+            with self.phase("generation_wait"):
+                for ahead in self._ahead.values():
+                    ahead.generated.wait()
         self._sync_weights(self.version_base + step + 1)
 
     def _staleness(self, step: int, rollout: Rollout) -> dict[str, float]:
