@@ -30,7 +30,9 @@ on alignd's side, the same function on TRL's):
      and the next round generated while this one trains), with each service's busy seconds
      over the rounds' wall time (from the rows' ``time/…``: generation = ``generation_wall``,
      reward = ``scoring``, reference, trainer = ``training``, weight sync; the reward and
-     reference columns sum concurrent calls);
+     reference columns sum concurrent calls), and each mode's round over TRL's GRPO step, TRL
+     running as one more job in each turn (a fresh peer of the same rounds) — the fair match
+     for an off-policy job, which keeps working between its rounds;
   4. with ``--rounds N``: learning per unit of work. Both sides train N rounds from the same
      start checkpoint (an alignd SFT job of ``--sft-steps`` steps on the task's
      demonstrations; 0 = the base model) on the task's training prompts, and after each round
@@ -581,7 +583,16 @@ def modes(args, platform: Platform, model: Path, prompts: dict, work: Path) -> d
     per_job = args.warmup + math.ceil(args.steps / args.repeats)
     print(f"== modes: chunks of {chunk} prompts; {args.repeats} x {per_job} rounds per mode")
     out = {name: [] for name in variants}
+    peer_steps = []  # TRL's GRPO steps, a job of its own in each turn
     for repeat in range(args.repeats):
+        if args.peer == "trl":
+            peer = start_peer("grpo", args, model, prompts, work, per_job)
+            try:
+                peer.ready()
+                seconds = [peer.step() for _ in range(per_job)]
+            finally:
+                peer.close()
+            peer_steps += seconds[args.warmup :]
         for name, extra in variants.items():
             run_dir = work / "runs" / f"mode-{name.replace(' ', '-')}-{repeat}"
             job = Rounds(job_config("grpo", args, model, prompts, run_dir, per_job, **extra),
@@ -593,7 +604,7 @@ def modes(args, platform: Platform, model: Path, prompts: dict, work: Path) -> d
                         out[name].append((seconds, row))
             finally:
                 job.close()
-    return {"chunk": chunk, "rounds": out}
+    return {"chunk": chunk, "rounds": out, "trl": peer_steps}
 
 
 def budget_score(walls: list[float], evals: list[Estimate], start: Estimate | None,
@@ -663,6 +674,11 @@ def show_modes(args, d: dict) -> None:
         table.append((name, phases))
     ratios = {f"{name} / serial, s/round": walls[name] / walls["serial"]
               for name in walls if name != "serial"}  # fmt: skip
+    if d["trl"]:
+        theirs = statistics.median(d["trl"])
+        rows.append(("GRPO TRL 1.16 GRPOTrainer step (a job per turn)", theirs, "s/step"))
+        ratios.update({f"alignd {name} round / TRL step (target <= 0.6)": walls[name] / theirs
+                       for name in walls})  # fmt: skip
     report("alignd GRPO round modes", rows, ratios, args.out)
     print("  busy seconds / round wall time " + "".join(f"{s:>13}" for s in MODE_PHASES))
     for name, phases in table:
