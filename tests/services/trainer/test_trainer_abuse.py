@@ -212,6 +212,10 @@ def advantages(value: float) -> dict:
          1.0, r"loss\.ppo\.temperature: must be in \[0\.01, 100\]"),
         (pg_loss(clip_range=-1.0), 1.0, r"loss\.policy_gradient\.clip_range: must be in \(0, 10\]"),
         (pg_loss(kl_coef=float("inf")), 1.0, r"loss\.policy_gradient\.kl_coef: must be in"),
+        (trainer_pb2.Loss(ppo=trainer_pb2.PpoLoss(is_cap=0.5)),
+         1.0, r"loss\.ppo\.is_cap: must be in \[1, 1000\], got 0\.5"),
+        (pg_loss(is_cap=float("nan")), 1.0,
+         r"loss\.policy_gradient\.is_cap: must be in \[1, 1000\]"),
         (trainer_pb2.Loss(bradley_terry=trainer_pb2.BradleyTerryLoss(
             center_rewards_coefficient=-0.01)), 1.0,
          r"loss\.bradley_terry\.center_rewards_coefficient: must be in \[0, 1000\]"),
