@@ -9,7 +9,7 @@ every rank runs the same code on its shard:
   its reference point is the whole batch's) are split into N contiguous shards. Each rank
   weights its loss by its share of the loss's units (tokens, pairs or sequences), so the
   ranks' gradients add up to exactly the gradient of the whole batch's loss, and the reported
-  loss and metrics are the unit-weighted means over ranks.
+  loss and metrics are the unit-weighted means over ranks (``…/max`` metrics: the maximum).
 * ``OptimStep``: gradients are summed across ranks (all-reduce), then every rank clips and
   steps identically, so the replicas stay equal.
 * ``Forward``: rows are split; the outputs are gathered on rank 0.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -140,6 +141,12 @@ class Group:
         """Element-wise sum over ranks."""
         tensor = self.to_device(torch.tensor(values, dtype=torch.float64))
         dist.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks."""
+        tensor = self.to_device(torch.tensor(values, dtype=torch.float64))
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.cpu().tolist()
 
     def agree(self, error: AligndError | None) -> None:
@@ -381,12 +388,15 @@ def _forward_backward(group, engine, batch, loss, params, scale, temperature):
     keys = sorted(output.metrics) if output is not None else []
     units = output.weight if output is not None else 0.0
     values = [0.0] * (4 + MAX_METRICS)
+    peaks = [-math.inf] * MAX_METRICS  # ``…/max`` metrics: the maximum over ranks
     values[0] = 1.0 if error is not None else 0.0
     if output is not None:
         values[1:4] = [units, float(output.num_tokens), float(output.loss.detach()) * units]
         for i, key in enumerate(keys[:MAX_METRICS]):
             values[4 + i] = output.metrics[key] * units
+            peaks[i] = output.metrics[key]
     totals = group.sum(values)
+    highest = group.max(peaks)
     if totals[0]:
         raise error or InvalidArgument("batch", f"{int(totals[0])} rank(s) rejected their shard")
     total_units = max(totals[1], 1e-30)
@@ -394,7 +404,8 @@ def _forward_backward(group, engine, batch, loss, params, scale, temperature):
         engine.backward(output, scale * units / total_units)
     else:
         engine.accumulated += 1
-    metrics = {k: totals[4 + i] / total_units for i, k in enumerate(keys[:MAX_METRICS])}
+    metrics = {k: highest[i] if k.endswith("/max") else totals[4 + i] / total_units
+               for i, k in enumerate(keys[:MAX_METRICS])}  # fmt: skip
     combined = LossOutput(torch.tensor(totals[3] / total_units), metrics, int(totals[2]))
     return combined, engine.accumulated
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,7 @@ def test_a_group_of_one_rank_sums_and_reduces_gradients_to_what_it_holds(device,
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
         assert torch.equal(params[3].grad, torch.zeros(6, device=group.device))
         assert group.sum([1.5, -2.0, 0.25]) == [1.5, -2.0, 0.25]
+        assert group.max([1.5, float("-inf")]) == [1.5, float("-inf")]
         group.agree(None)  # no rank failed: nothing raised
     finally:
         group.close()
@@ -87,9 +90,20 @@ def _run(trainer: TrainerClient, model, checkpoint) -> dict:
     sft = TrainBatch(ROWS[:5], [2, 1, 3, 2, 4])  # 5 rows: shards of 3 and 2, unequal tokens
     ref = np.array([-20.0, -15.0, -22.0, -18.0, -25.0, -9.0])
     pairs = TrainBatch(ROWS, [1] * 6, sequence_inputs={"ref_logps": ref})
+    # Importance weights of 1 but on the last row's first token (e^0.5; shard 2 of 2): its
+    # ``is_weight/max`` is the maximum over the ranks, not their mean.
+    completions = [len(r) - p for r, p in zip(ROWS[:5], [2, 1, 3, 2, 4], strict=True)]
+    old = [np.full(n, -2.0, np.float32) for n in completions]
+    behaviour = [o.copy() for o in old]
+    behaviour[4][0] = -2.5
+    weighted = TrainBatch(ROWS[:5], [2, 1, 3, 2, 4], token_inputs={
+        "advantages": [np.full(n, 0.5, np.float32) for n in completions],
+        "old_logprobs": old, "behaviour_logprobs": behaviour,
+    })  # fmt: skip
     trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
     record = {"loss": [], "metrics": [], "norm": []}
     for batch, loss in ((sft, losses.CrossEntropy()), (pairs, losses.DPO(beta=0.2)),
+                        (weighted, losses.PolicyGradient(clip_range=0.2)),
                         (sft, losses.CrossEntropy())):  # fmt: skip
         result = trainer.forward_backward(batch, loss)
         record["loss"].append(result.loss)
@@ -118,9 +132,18 @@ def test_two_ranks_compute_what_one_rank_does(tiny_models, tmp_path, storage_roo
     np.testing.assert_allclose(two["norm"], one["norm"], rtol=1e-5)
     for got, want in zip(two["metrics"], one["metrics"], strict=True):
         assert got.keys() == want.keys()
-        for key in ("accuracy", "margin", "rewards_chosen", "nll"):
+        for key in (
+            "accuracy",
+            "margin",
+            "rewards_chosen",
+            "nll",
+            "is_weight/mean",
+            "is_weight/clipped_fraction",
+        ):
             if key in want:
                 assert got[key] == pytest.approx(want[key], abs=1e-5)
+    assert two["metrics"][2]["is_weight/max"] == pytest.approx(math.exp(0.5))
+    assert one["metrics"][2]["is_weight/max"] == pytest.approx(math.exp(0.5))
     assert two["num_tokens"] == one["num_tokens"]
     for name in ("logprobs", "entropy"):
         for got, want in zip(two["logprobs"][name], one["logprobs"][name], strict=True):
