@@ -247,9 +247,10 @@ class _Online(Job):
                 if not failed:
                     break
                 for r in failed:  # a refused push (not a replica restarting) fails at once
-                    error = from_status_text(r.error, "PushWeights")
+                    code, _, details = r.error.partition(": ")
+                    error = from_status_text(f"{code}: {r.address}: {details}", "PushWeights")
                     if not isinstance(error, TRANSIENT):
-                        raise type(error)(f"{r.address}: {error.details}", method="PushWeights")
+                        raise error
                 errors = "; ".join(f"{r.address}: {r.error}" for r in failed)
                 if time.monotonic() + delay > deadline:
                     raise RuntimeError(f"weight push of version {version} failed: {errors}")
@@ -411,27 +412,26 @@ class _Online(Job):
             list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)
         ]
         done: dict[int, tuple] = {}
-        busy = self.add_time
 
         def score(share: list[int], groups: list) -> tuple:
             entries = [(prompts[i], s) for i, g in zip(share, groups, strict=True) for s in g]
             scores, ref, scoring, reference = self._score(*map(list, zip(*entries, strict=True)))
-            busy("scoring", scoring)
-            busy("reference", reference)
+            self.add_time("scoring", scoring)
+            self.add_time("reference", reference)
             outputs = {}
             if forward:  # the trainer is idle while a round samples
                 start = time.perf_counter()
                 batch = TrainBatch(*sequences([s for _, s in entries]))
                 outputs = self.call(self.trainer.forward, batch, forward,
                                     temperature=self.config.rollout.temperature)  # fmt: skip
-                busy("training", time.perf_counter() - start)
+                self.add_time("training", time.perf_counter() - start)
             return scores, ref, outputs
 
         overlap, generated = self.config.rollout.overlap, {}
         with concurrent.futures.ThreadPoolExecutor(max(1, len(chunks_))) as scoring:
 
             def on_share(index: int, share: list[int], groups: list, seconds: float) -> None:
-                busy("generation", seconds)
+                self.add_time("generation", seconds)
                 if overlap:
                     done[index] = scoring.submit(score, share, groups)
                 else:
