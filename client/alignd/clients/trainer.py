@@ -176,13 +176,16 @@ class _Primitives:
 
     def forward_backward(
         self, batch: TrainBatch, loss: Loss, *, loss_scale: float | None = None,
-        timeout: float | None = None,
+        defer_sync: bool = False, timeout: float | None = None,
     ):  # fmt: skip
         """Computes ``loss`` on ``batch`` and accumulates its gradients
-        (``ForwardBackwardResponse``: loss, metrics, tokens)."""
+        (``ForwardBackwardResponse``: loss, metrics, tokens). ``defer_sync``: more micro-batches
+        follow before ``optim_step``, so a trainer with several ranks may keep this one's
+        gradients local and reduce them with the next (the last one must leave it false)."""
         request = trainer_pb2.ForwardBackwardRequest(
-            batch=batch.to_proto(), loss=loss.to_proto(), loss_scale=loss_scale
-        )
+            batch=batch.to_proto(), loss=loss.to_proto(), loss_scale=loss_scale,
+            defer_sync=defer_sync,
+        )  # fmt: skip
         return self._call("ForwardBackward", request, timeout=timeout)
 
     def optim_step(self, *, timeout: float | None = None):

@@ -517,10 +517,12 @@ class _Online(Job):
             for _ in range(epochs):
                 order = np.array(rng.sample(range(len(rollout.rows)), len(rollout.rows)))
                 for minibatch in chunks(order, c.batch_size):
-                    for micro in chunks(minibatch, c.micro):
+                    micros = list(chunks(minibatch, c.micro))
+                    for i, micro in enumerate(micros):
                         result = trainer.forward_backward(
                             rollout.batch(micro, **inputs), loss,
                             loss_scale=len(micro) / len(minibatch),
+                            defer_sync=i < len(micros) - 1,  # the last reduces over ranks
                         )  # fmt: skip
                         for key, value in {"loss": result.loss, **result.metrics}.items():
                             sums.setdefault(key, []).append(value)

@@ -42,9 +42,12 @@ class _Offline(Job):
         picked = batch_indices(step, examples, c.batch_size, c.seed)
         totals: dict[str, float] = {}
         with self.phase("training"):
-            for micro in chunks(picked, c.micro):
+            micros = list(chunks(picked, c.micro))
+            for i, micro in enumerate(micros):
                 share = len(micro) / len(picked)
-                result = trainer.forward_backward(make_batch(micro), loss, loss_scale=share)
+                result = trainer.forward_backward(  # the last one reduces every rank's gradients
+                    make_batch(micro), loss, loss_scale=share, defer_sync=i < len(micros) - 1
+                )
                 for key, value in {"loss": result.loss, **result.metrics}.items():
                     totals[key] = totals.get(key, 0.0) + share * value
                 totals["tokens"] = totals.get("tokens", 0.0) + result.num_tokens

@@ -233,14 +233,16 @@ class Loss(_message.Message):
     def __init__(self, cross_entropy: _Optional[_Union[CrossEntropyLoss, _Mapping]] = ..., bradley_terry: _Optional[_Union[BradleyTerryLoss, _Mapping]] = ..., dpo: _Optional[_Union[DpoLoss, _Mapping]] = ..., kto: _Optional[_Union[KtoLoss, _Mapping]] = ..., ppo: _Optional[_Union[PpoLoss, _Mapping]] = ..., policy_gradient: _Optional[_Union[PolicyGradientLoss, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("batch", "loss", "loss_scale")
+    __slots__ = ("batch", "loss", "loss_scale", "defer_sync")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DEFER_SYNC_FIELD_NUMBER: _ClassVar[int]
     batch: Batch
     loss: Loss
     loss_scale: float
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., loss_scale: _Optional[float] = ...) -> None: ...
+    defer_sync: bool
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., loss_scale: _Optional[float] = ..., defer_sync: _Optional[bool] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("loss", "metrics", "num_tokens", "accumulated_batches")
@@ -390,11 +392,19 @@ class TrainerState(_message.Message):
     def __init__(self, initialized: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., step: _Optional[int] = ..., accumulated_batches: _Optional[int] = ..., learning_rate: _Optional[float] = ..., trainable_parameters: _Optional[int] = ..., pushed_version: _Optional[int] = ...) -> None: ...
 
 class TrainerInfo(_message.Message):
-    __slots__ = ("server", "world_size", "backend")
+    __slots__ = ("server", "world_size", "backend", "parallel", "dtype", "parameter_bytes", "optimizer_bytes")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
     server: _common_pb2.ServerInfo
     world_size: int
     backend: str
-    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    parallel: str
+    dtype: str
+    parameter_bytes: _containers.RepeatedScalarFieldContainer[int]
+    optimizer_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[_Iterable[int]] = ..., optimizer_bytes: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -11,6 +11,15 @@ Layout of ``PATH``:
 
     alignd_checkpoint.json                            the marker: what wrote it, step, kind
 
+That is format 1, what one rank and DDP write. Under FSDP (format 2) the training state is
+sharded instead: ``state/`` is a ``torch.distributed.checkpoint`` directory in which every rank
+writes its own shards of the trained parameters (network names, value head and adapters
+included), AdamW's moments and steps (``exp_avg.NAME``, ``exp_avg_sq.NAME``, ``step.NAME``)
+and the RNG state, and ``trainer_state.json`` also lists the trained parameters' names in the
+optimizer's order; no rank gathers the optimizer. The model files beside it are the same as
+format 1's, gathered onto rank 0 one tensor at a time. A format 2 checkpoint loads at any
+world size and in any mode (DCP reshards), a format 1 checkpoint everywhere too.
+
 A crash before the rename leaves the previous checkpoint at ``PATH`` untouched. Saving replaces
 only a directory that carries the marker, never another one. Loading reads and checks every
 file first (names, shapes, dtypes, finite values, the training state's structure) and changes
@@ -32,15 +41,16 @@ from alignd_server.common.errors import InvalidArgument
 from alignd_server.trainer import lora
 from alignd_server.trainer.engine import TrainerEngine
 
-STATE_JSON, STATE_TENSORS, VALUE_HEAD, ADAPTER, ADAPTER_JSON, MARKER = (
+STATE_JSON, STATE_TENSORS, VALUE_HEAD, ADAPTER, ADAPTER_JSON, MARKER, SHARDED = (
     "trainer_state.json",
     "trainer_state.safetensors",
     "value_head.safetensors",
     "adapter.safetensors",
     "adapter.json",
     "alignd_checkpoint.json",
+    "state",
 )
-FORMAT = 1
+FORMAT, SHARDED_FORMAT = 1, 2
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -54,12 +64,20 @@ def _directory_size(path: Path) -> int:
 
 def save(engine: TrainerEngine, path: Path, include_optimizer: bool = True) -> int:
     """Writes a checkpoint of ``engine`` at ``path`` (confined by the caller) atomically;
-    returns the bytes written.
+    returns the bytes written. One process (or DDP's rank 0); FSDP runs :func:`prepare`,
+    then :func:`write` on every rank, then :func:`commit`.
 
     Raises:
         InvalidArgument: the parent directory is missing, or ``path`` exists and is not an
             alignd checkpoint (it is never replaced).
     """
+    temporary = prepare(path)
+    write(engine, temporary, include_optimizer)
+    return commit(temporary, Path(path))
+
+
+def prepare(path: Path) -> Path:
+    """Checks ``path`` may be written and makes its empty temporary sibling; returns it."""
     final = Path(path)
     if not final.parent.is_dir():
         raise InvalidArgument("path", f"parent directory {final.parent} does not exist")
@@ -73,24 +91,53 @@ def save(engine: TrainerEngine, path: Path, include_optimizer: bool = True) -> i
     if temporary.is_symlink():
         temporary.unlink()
     shutil.rmtree(temporary, ignore_errors=True)
-    if engine.spec.lora is None:
-        engine.model.save_pretrained(temporary, safe_serialization=True)
-    else:
-        merged = {k: v.contiguous() for k, v in lora.merged_weights(engine.model).items()}
-        engine.model.save_pretrained(temporary, state_dict=merged, safe_serialization=True)
-        save_file(lora.adapter_weights(engine.model), str(temporary / ADAPTER))
-        spec = {"base_model": engine.spec.path, **dataclasses.asdict(engine.spec.lora)}
-        (temporary / ADAPTER_JSON).write_text(json.dumps(spec))
-    engine.loaded.tokenizer.save_pretrained(temporary)
-    if engine.value_head is not None:
-        save_file({k: v.contiguous() for k, v in engine.value_head.state_dict().items()},
-                  str(temporary / VALUE_HEAD))  # fmt: skip
-    if include_optimizer:
+    temporary.mkdir()
+    return temporary
+
+
+def write(engine: TrainerEngine, temporary: Path, include_optimizer: bool, writer: bool = True):
+    """Writes the checkpoint's files into ``temporary``. Under FSDP every rank calls it:
+    ``writer`` (rank 0) writes the gathered model files, every rank its training-state shards.
+    """
+    sharded = engine.sharded
+    weights = engine.full_weights(keep=writer)
+    value_head = engine.full_value_head(keep=writer)
+    if writer:
+        if sharded or engine.spec.lora is not None:
+            state = {k: v.contiguous() for k, v in weights.items()}
+            if sharded:  # buffers are not sharded: the persistent ones, as they are
+                for prefix, module in engine.model.named_modules():
+                    for name, value in module.named_buffers(recurse=False):
+                        if name not in module._non_persistent_buffers_set:
+                            key = f"{prefix}.{name}" if prefix else name
+                            state.setdefault(key.replace(".base_layer.", "."), value)
+            engine.model.save_pretrained(temporary, state_dict=state, safe_serialization=True)
+        else:
+            engine.model.save_pretrained(temporary, safe_serialization=True)
+        if engine.spec.lora is not None:
+            spec = {"base_model": engine.spec.path, **dataclasses.asdict(engine.spec.lora)}
+            (temporary / ADAPTER_JSON).write_text(json.dumps(spec))
+            if not sharded:
+                save_file(lora.adapter_weights(engine.model), str(temporary / ADAPTER))
+        engine.loaded.tokenizer.save_pretrained(temporary)
+        if value_head is not None:
+            save_file({k: v.contiguous() for k, v in value_head.items()},
+                      str(temporary / VALUE_HEAD))  # fmt: skip
+    if include_optimizer and sharded:
+        _sharded_training_state(engine, temporary, writer)
+    elif include_optimizer and writer:
         tensors, meta = _training_state(engine)
         save_file(tensors, str(temporary / STATE_TENSORS))
         (temporary / STATE_JSON).write_text(json.dumps(meta))
-    marker = {"format": FORMAT, "step": engine.step, "kind": engine.spec.kind}
-    (temporary / MARKER).write_text(json.dumps(marker))
+    if writer:
+        marker = {"format": SHARDED_FORMAT if sharded else FORMAT, "step": engine.step,
+                  "kind": engine.spec.kind}  # fmt: skip
+        (temporary / MARKER).write_text(json.dumps(marker))
+
+
+def commit(temporary: Path, final: Path) -> int:
+    """Moves the written ``temporary`` into place at ``final``; returns its bytes."""
+    final = Path(final)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         final.rename(old)
@@ -99,8 +146,40 @@ def save(engine: TrainerEngine, path: Path, include_optimizer: bool = True) -> i
     return _directory_size(final)
 
 
-def _training_state(engine: TrainerEngine) -> tuple[dict[str, torch.Tensor], dict]:
-    state = engine.optimizer.state_dict()
+def sharded_state(engine: TrainerEngine, moments: bool = True) -> dict[str, torch.Tensor]:
+    """The training state as DCP's flat state dict: parameters (DTensors under FSDP) and,
+    with ``moments``, AdamW's per-parameter state and the RNG state, by network name."""
+    state: dict[str, torch.Tensor] = {}
+    for name, parameter in engine.named_trainable():
+        state[f"param.{name}"] = parameter.detach()
+        if moments:
+            for key, value in engine.optimizer.state.get(parameter, {}).items():
+                state[f"{key}.{name}"] = value
+    if moments:
+        state["rng"] = torch.get_rng_state()
+    return state
+
+
+def _sharded_training_state(engine: TrainerEngine, temporary: Path, writer: bool) -> None:
+    from torch.distributed import checkpoint as dcp
+
+    dcp.save(sharded_state(engine), checkpoint_id=str(temporary / SHARDED))
+    if writer:
+        _, meta = _training_state(engine, tensors=False)
+        meta["parameters"] = [name for name, _ in engine.named_trainable()]
+        (temporary / STATE_JSON).write_text(json.dumps(meta))
+
+
+def _training_state(
+    engine: TrainerEngine, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    state = engine.optimizer.state_dict() if tensors else {"state": {}, "param_groups": []}
+    if not tensors:  # the param groups without the state (it stays sharded)
+        state["param_groups"] = [
+            {**{k: v for k, v in group.items() if k != "params"},
+             "params": list(range(len(group["params"])))}
+            for group in engine.optimizer.param_groups
+        ]  # fmt: skip
     tensors = {"rng.torch": torch.get_rng_state()}
     for index, values in state["state"].items():
         for key, value in values.items():

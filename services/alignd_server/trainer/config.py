@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alignd_server.common.config import StorageServerSettings
@@ -47,6 +47,20 @@ class TrainerSettings(StorageServerSettings):
     """Collective backend: ``auto`` = nccl on CUDA devices, gloo on CPU."""
     dist_timeout_s: float = Field(1800.0, gt=0)
     """How long a collective may wait for the other ranks before the group fails."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several ranks hold the model: ``ddp`` keeps a replica per rank and all-reduces
+    gradients during the backward (PyTorch's DistributedDataParallel); ``fsdp`` shards
+    parameters, gradients and optimizer state over the ranks (FSDP2, per transformer block),
+    for models whose training state does not fit one device. Needs ``nproc`` × ``nnodes`` > 1
+    for ``fsdp``; one rank runs the model whole."""
+
+    @model_validator(mode="after")
+    def _parallel_needs_ranks(self) -> TrainerSettings:
+        if self.parallel == "fsdp" and self.nproc * self.nnodes == 1:
+            raise ValueError(
+                "parallel: fsdp shards over several ranks; give --nproc (or --nnodes) > 1"
+            )
+        return self
 
     @field_validator("push_targets")
     @classmethod

@@ -3,12 +3,29 @@
 Every call runs on the process's compute thread, one at a time. Forward passes use the model
 in eval mode with gradients on (dropout off: a step is a deterministic function of the batch,
 which makes gradient accumulation exactly equal to one large batch).
+
+The model and its value head form one :class:`Network` module, so that one forward covers
+everything trained and PyTorch's data-parallel engines can wrap it whole (``parallel``):
+
+* ``ddp``: ``torch.nn.parallel.DistributedDataParallel``. Its reducer all-reduces gradient
+  buckets while the backward still runs (a communication hook sums instead of averaging,
+  because each rank already weights its loss by its share of the batch); ``defer_sync``
+  micro-batches run under ``no_sync``.
+* ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every transformer block (the
+  model's ``_no_split_modules``) and then on the network: each rank holds 1/N of the
+  parameters, gradients and AdamW state as DTensors; gradient reduction is a sum-only
+  reduce-scatter (gloo has no pre-multiplied sums).
+
+Mixed precision: master weights and optimizer state are float32 always; a ``dtype`` of
+bfloat16 or float16 is the compute dtype, through FSDP2's ``MixedPrecisionPolicy`` (parameters
+cast per block, gradients reduced in float32) or ``torch.autocast`` otherwise. float16 gets no
+dynamic loss scaling: a step whose gradients overflow is skipped (see :meth:`optim_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +33,12 @@ import torch
 
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.common.forward import pad_right, sequence_scores, token_stats
-from alignd_server.common.models import LoadedModel, load_causal_lm, load_sequence_classifier
+from alignd_server.common.models import (
+    DTYPES,
+    LoadedModel,
+    load_causal_lm,
+    load_sequence_classifier,
+)
 from alignd_server.trainer import lora
 from alignd_server.trainer.losses import SPECS, LossInputs, LossOutput
 
@@ -25,6 +47,7 @@ CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_CLASSIFIER = (
     "causal_lm_value",
     "sequence_classifier",
 )
+PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
 @dataclass
@@ -73,33 +96,102 @@ def schedule_factor(spec: InitSpec, step: int) -> float:
     return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * shape
 
 
-class TrainerEngine:
-    """A loaded model with AdamW, a schedule and accumulated gradients."""
+class Network(torch.nn.Module):
+    """The trained modules as one: the transformers model and, for PPO, its value head.
 
-    def __init__(self, spec: InitSpec, device: str = "cpu") -> None:
+    Its forward computes what a loss or Forward reads (:func:`token_stats` and values, or a
+    classifier's scores) and returns a dict of tensors, which DDP and FSDP2 traverse to hook
+    the backward.
+    """
+
+    def __init__(self, model: torch.nn.Module, value_head: torch.nn.Linear | None) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(self, ids, mask, lengths, prompts, *, classifier: bool, temperature: float,
+                entropy: bool, mean_logprobs: bool, values: bool) -> dict:  # fmt: skip
+        if classifier:
+            return {"rewards": sequence_scores(self.model, ids, mask, lengths)}
+        stats = token_stats(
+            self.model, ids, mask, lengths, prompts, temperature=temperature, entropy=entropy,
+            mean_logprobs=mean_logprobs, hidden=values,
+        )  # fmt: skip
+        out = {"mask": stats.mask, "logprobs": stats.logprobs, "entropy": stats.entropy,
+               "mean_logprobs": stats.mean_logprobs}  # fmt: skip
+        if values:
+            out["values"] = self.value_head(stats.hidden)[..., 0].float() * stats.mask
+        return out
+
+
+def _sum_gradients(state, bucket):
+    """DDP communication hook: sums a bucket over ranks (the default hook averages)."""
+    future = torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda done: done.value()[0])
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: modules of the classes transformers says must not be
+    split across devices (``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (an all-gather); other tensors as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of ``tensors`` held by this rank (a DTensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+class TrainerEngine:
+    """A loaded model with AdamW, a schedule and accumulated gradients.
+
+    ``parallel`` is how the model is spread over the ranks of the initialized process group
+    (``none`` for one process; see the module docstring). The model is held in float32;
+    ``spec.dtype`` is the compute dtype.
+    """
+
+    def __init__(self, spec: InitSpec, device: str = "cpu", parallel: str = "none") -> None:
+        if parallel not in PARALLEL_MODES:
+            raise InvalidArgument("parallel", f"{parallel!r} is not one of {PARALLEL_MODES}")
         torch.manual_seed(spec.seed)
         self.spec = spec
         self.device = device
+        self.parallel = parallel
+        self.compute_dtype = DTYPES[spec.dtype]
         if spec.kind == SEQUENCE_CLASSIFIER:
             self.loaded: LoadedModel = load_sequence_classifier(
-                spec.path, dtype=spec.dtype, device=device
+                spec.path, dtype="float32", device=device
             )
         else:
-            self.loaded = load_causal_lm(spec.path, dtype=spec.dtype, device=device)
+            self.loaded = load_causal_lm(spec.path, dtype="float32", device=device)
         self.model = self.loaded.model
         if spec.lora is not None:
             lora.apply(self.model, spec.lora, spec.seed)
         if spec.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing: the form DDP and FSDP2 support.
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
             if spec.lora is not None:  # frozen embeddings: checkpointed blocks need input grads
                 self.model.enable_input_require_grads()
         self.value_head: torch.nn.Linear | None = None
         if spec.kind == CAUSAL_LM_VALUE:
             hidden = self.model.config.hidden_size
-            self.value_head = torch.nn.Linear(hidden, 1).to(device=device, dtype=self.model.dtype)
+            self.value_head = torch.nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
             torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
             torch.nn.init.zeros_(self.value_head.bias)
-        self.parameters = [p for p in self._modules_parameters() if p.requires_grad]
+        self.network = Network(self.model, self.value_head)
+        self.wrapped: torch.nn.Module = self._wrap(parallel)
+        """What forwards go through: the network, or its DDP wrapper (FSDP2 changes the
+        network in place)."""
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
         # The fused kernel updates every tensor in one pass (~3x faster steps on CPU).
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=spec.lr, betas=spec.betas, eps=spec.eps,
@@ -110,14 +202,93 @@ class TrainerEngine:
         )
         self.step = 0
         self.accumulated = 0
+        self.deferred = False
+        """The last ForwardBackward deferred its gradient reduction (``defer_sync``)."""
         self.pushed_version = 0
-        self.reduce_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None
-        """Set by data parallelism: sums the ranks' gradients before the step."""
 
-    def _modules_parameters(self):
-        yield from self.model.parameters()
-        if self.value_head is not None:
-            yield from self.value_head.parameters()
+    def _wrap(self, parallel: str) -> torch.nn.Module:
+        if parallel == "ddp":
+            cuda = torch.device(self.device).type == "cuda"
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[torch.device(self.device)] if cuda else None,
+                broadcast_buffers=False,  # no buffer changes in training: no collective in Forward
+            )  # fmt: skip
+            ddp.register_comm_hook(None, _sum_gradients)
+            return ddp
+        if parallel == "fsdp":
+            from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy()
+            if self.compute_dtype != torch.float32:
+                policy = MixedPrecisionPolicy(
+                    param_dtype=self.compute_dtype, reduce_dtype=torch.float32
+                )
+            if self.spec.lora is not None:
+                lora.check_shardable(self.model)
+            for block in _blocks(self.model):
+                fully_shard(block, mp_policy=policy)
+            fully_shard(self.network, mp_policy=policy)
+            for module in self.network.modules():  # each block's setting is its own
+                if isinstance(module, FSDPModule):
+                    module.set_force_sum_reduction_for_comms(True)
+                    module.set_gradient_divide_factor(1.0)  # sum: the losses are weighted
+            return self.network
+        return self.network
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensor shards (FSDP2): gathering them is a collective."""
+        return self.parallel == "fsdp"
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters by their names in the network, in the optimizer's order."""
+        return [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+
+    def full_weights(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The policy's (or classifier's) whole weights by their transformers names, LoRA
+        adapters merged. Under FSDP every rank must call it (each tensor is all-gathered in
+        turn; ranks with ``keep`` false drop it at once and get ``{}``)."""
+        if not self.sharded:
+            return lora.merged_weights(self.model)
+        return lora.merged_weights(self.model, full=_full_tensor, keep=keep)
+
+    def full_value_head(self, keep: bool = True) -> dict[str, torch.Tensor] | None:
+        """The value head's whole tensors (a collective under FSDP, like :meth:`full_weights`)."""
+        if self.value_head is None:
+            return None
+        tensors = {n: _full_tensor(p.detach()) for n, p in self.value_head.named_parameters()}
+        return tensors if keep else {}
+
+    def parameter_bytes(self) -> int:
+        """Bytes of parameters (trained and frozen) this rank holds."""
+        return local_bytes(self.network.parameters())
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of AdamW state this rank holds (none before the first step)."""
+        return local_bytes(
+            v for state in self.optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def gradient_sync(self, sync: bool):
+        """Within it, backward passes reduce gradients over ranks only when ``sync``."""
+        if self.parallel == "ddp" and not sync:
+            with self.wrapped.no_sync():
+                yield
+        elif self.parallel == "fsdp":
+            self.network.set_requires_gradient_sync(sync)
+            try:
+                yield
+            finally:
+                self.network.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32 or self.parallel == "fsdp":
+            return contextlib.nullcontext()  # FSDP2's policy casts the parameters itself
+        return torch.autocast(torch.device(self.device).type, dtype=self.compute_dtype)
 
     @property
     def trainable_parameters(self) -> int:
@@ -130,30 +301,26 @@ class TrainerEngine:
     def _inputs(self, batch: Batch, temperature: float, grad: bool, needs: set[str]) -> LossInputs:
         """The tensors a loss (or Forward) reads; of the statistics ``entropy``,
         ``mean_logprobs`` and ``values`` only those in ``needs`` are computed."""
-        values = "values" in needs
         ids, mask, lengths = pad_right(batch.rows, self.loaded.tokenizer.pad_token_id, self.device)
         prompts = torch.as_tensor(batch.prompts, device=self.device)
-        with torch.set_grad_enabled(grad):
-            if self.spec.kind == SEQUENCE_CLASSIFIER:
-                rewards = sequence_scores(self.model, ids, mask, lengths)
-                return LossInputs(None, None, rewards=rewards,
-                                  sequence_inputs=_sequence(batch, self.device))  # fmt: skip
-            stats = token_stats(
-                self.model, ids, mask, lengths, prompts, temperature=temperature,
+        classifier = self.spec.kind == SEQUENCE_CLASSIFIER
+        with torch.set_grad_enabled(grad), self._autocast():
+            out = self.wrapped(
+                ids, mask, lengths, prompts, classifier=classifier, temperature=temperature,
                 entropy="entropy" in needs, mean_logprobs="mean_logprobs" in needs,
-                hidden=values,
+                values="values" in needs,
             )  # fmt: skip
-        token_mask = stats.mask
+        out = {k: v.float() if v is not None else None for k, v in out.items()}
+        if classifier:
+            return LossInputs(None, None, rewards=out["rewards"],
+                              sequence_inputs=_sequence(batch, self.device))  # fmt: skip
+        token_mask = out["mask"]
         if batch.completion_mask is not None:
-            token_mask = token_mask * _pad(batch.completion_mask, stats.mask.shape, self.device)
-        value_rows = None
-        if values:
-            with torch.set_grad_enabled(grad):
-                value_rows = self.value_head(stats.hidden)[..., 0].float() * stats.mask
+            token_mask = token_mask * _pad(batch.completion_mask, token_mask.shape, self.device)
         return LossInputs(
-            stats.logprobs, token_mask, values=value_rows, entropy=stats.entropy,
-            mean_logprobs=stats.mean_logprobs,
-            token_inputs={k: _pad(v, stats.mask.shape, self.device)
+            out["logprobs"], token_mask, values=out.get("values"), entropy=out["entropy"],
+            mean_logprobs=out["mean_logprobs"],
+            token_inputs={k: _pad(v, token_mask.shape, self.device)
                           for k, v in batch.token_inputs.items()},
             sequence_inputs=_sequence(batch, self.device),
         )  # fmt: skip
@@ -178,21 +345,34 @@ class TrainerEngine:
             )
         return output
 
-    def backward(self, output: LossOutput, scale: float) -> int:
+    def backward(self, output: LossOutput, scale: float, defer_sync: bool = False) -> int:
         """Accumulates the gradients of ``scale`` × the loss; returns the batches accumulated."""
         try:
             (output.loss * scale).backward()
         finally:
             lora.set_dropout(self.model, False)
         self.accumulated += 1
+        self.deferred = defer_sync
         return self.accumulated
 
     def forward_backward(
-        self, batch: Batch, loss: str, params: dict, scale: float, temperature: float
-    ) -> tuple[LossOutput, int]:
+        self, batch: Batch, loss: str, params: dict, scale: float, temperature: float,
+        defer_sync: bool = False,
+    ) -> tuple[LossOutput, int]:  # fmt: skip
         """Computes ``loss`` on ``batch`` and accumulates its gradients."""
         output = self.compute_loss(batch, loss, params, temperature)
-        return output, self.backward(output, scale)
+        return output, self.backward(output, scale, defer_sync)
+
+    def check_step(self) -> None:
+        """OptimStep's preconditions: gradients accumulated, the last reduction not deferred."""
+        if self.accumulated == 0:
+            raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
+        if self.deferred:
+            raise FailedPrecondition(
+                "the last ForwardBackward set defer_sync, so its gradients were not reduced "
+                "over the ranks: send the last micro-batch without defer_sync, then OptimStep "
+                "(the accumulated gradients are kept)"
+            )
 
     def optim_step(self) -> tuple[float, float, int]:
         """Clips, steps, schedules and zeroes; returns (grad norm, lr used, step).
@@ -201,13 +381,10 @@ class TrainerEngine:
         options do: the gradients are dropped, the weights, optimizer and schedule stay as they
         were, and the call fails with FAILED_PRECONDITION stating the norm.
         """
-        if self.accumulated == 0:
-            raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
-        if self.reduce_gradients is not None:
-            self.reduce_gradients(self.parameters)
+        self.check_step()
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)  # () tensor
-        norm = float(total)
+        total = torch.nn.utils.get_total_norm(grads)  # () tensor (a DTensor under FSDP)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.accumulated = 0

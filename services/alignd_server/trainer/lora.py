@@ -81,21 +81,63 @@ def set_dropout(model: torch.nn.Module, active: bool) -> None:
             module.train(active)
 
 
-def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_weights(model: torch.nn.Module, full=None, keep: bool = True) -> dict[str, torch.Tensor]:
     """The model's parameters by their original names, adapters merged in (tied ones once).
 
-    For a model without adapters these are simply its parameters.
+    For a model without adapters these are simply its parameters. ``full`` turns a parameter
+    into its whole tensor (FSDP: the all-gather of its shards, a collective every rank runs
+    in the same order); with ``keep`` false the gathered tensors are dropped one by one and
+    nothing is returned (the ranks that only take part).
     """
-    merged: dict[str, torch.Tensor] = {}
+    if full is None:
+        merged: dict[str, torch.Tensor] = {}
+        for name, parameter in model.named_parameters():
+            if "lora_" not in name:
+                merged[name.replace(".base_layer.", ".")] = parameter.detach()
+        for name, module in model.named_modules():
+            delta = getattr(module, "get_delta_weight", None)
+            if delta is not None and "default" in getattr(module, "lora_A", {}):
+                with torch.no_grad():
+                    merged[f"{name}.weight"] = module.base_layer.weight + delta("default")
+        return merged
+    tensors = {}
     for name, parameter in model.named_parameters():
-        if "lora_" not in name:
-            merged[name.replace(".base_layer.", ".")] = parameter.detach()
+        tensor = full(parameter.detach())
+        if keep:
+            tensors[name] = tensor
+    if not keep:
+        return {}
+    merged = {n.replace(".base_layer.", "."): t for n, t in tensors.items() if "lora_" not in n}
     for name, module in model.named_modules():
-        delta = getattr(module, "get_delta_weight", None)
-        if delta is not None and "default" in getattr(module, "lora_A", {}):
-            with torch.no_grad():
-                merged[f"{name}.weight"] = module.base_layer.weight + delta("default")
+        if "default" in getattr(module, "lora_A", {}):
+            # peft's Linear delta, from the gathered tensors: (B A)^T if fan_in_fan_out, × scale
+            a, b = (tensors[f"{name}.lora_{x}.default.weight"] for x in "AB")
+            delta = b @ a
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            base = tensors[f"{name}.base_layer.weight"]
+            merged[f"{name}.weight"] = base + delta * module.scaling["default"]
     return merged
+
+
+def check_shardable(model: torch.nn.Module) -> None:
+    """FSDP merges adapters from gathered tensors with the linear layers' formula (also
+    transformers' transposed ``Conv1D``): adapters on embeddings or convolutions are refused.
+
+    Raises:
+        InvalidArgument: an adapted module is not a linear layer.
+    """
+    other = (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for name, module in model.named_modules():
+        adapted = "default" in getattr(module, "lora_A", {})
+        if "default" in getattr(module, "lora_embedding_A", {}) or (
+            adapted and isinstance(module.base_layer, other)
+        ):
+            raise InvalidArgument(
+                "lora.target_modules",
+                f"{name} is not a linear layer; with --parallel fsdp adapters go on linear "
+                "layers only",
+            )
 
 
 def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ from alignd_server.common.batching import TIME_BUCKETS
 
 
 class TrainerMetrics:
-    """Step, loss, learning rate, gradient norm, tokens, and checkpoint / push costs."""
+    """Step, loss, learning rate, gradient norm, tokens, per-rank memory, and checkpoint / push
+    costs."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.step = Gauge("alignd_trainer_step", "Optimizer steps taken.", registry=registry)
@@ -30,6 +31,14 @@ class TrainerMetrics:
         self.world_size = Gauge(
             "alignd_trainer_world_size", "Data-parallel ranks.", registry=registry
         )
+        self.parameter_bytes = Gauge(
+            "alignd_trainer_parameter_bytes", "Bytes of parameters a rank holds (FSDP: its "
+            "shards).", ["rank"], registry=registry,
+        )  # fmt: skip
+        self.optimizer_bytes = Gauge(
+            "alignd_trainer_optimizer_bytes", "Bytes of optimizer state a rank holds.", ["rank"],
+            registry=registry,
+        )  # fmt: skip
         self.checkpoint_seconds = Histogram(
             "alignd_checkpoint_seconds", "Time to write a checkpoint.", buckets=TIME_BUCKETS,
             registry=registry,

@@ -3,19 +3,24 @@
 ``alignd serve trainer --nproc N`` starts N ranks with torchrun (gloo on CPU, NCCL on GPU).
 Rank 0 serves gRPC; every other rank runs :func:`worker_loop`. For each primitive rank 0
 broadcasts a command (a JSON header and, for batches, a safetensors blob: no pickle), and
-every rank runs the same code on its shard:
+every rank runs the same code on its shard. How the model itself is spread is PyTorch's
+work (``--parallel``, see :mod:`.engine`): DDP keeps a replica per rank and all-reduces
+gradients during the backward; FSDP2 shards parameters, gradients and optimizer state.
 
 * ``ForwardBackward``: rows (pairs, for pairwise losses; KTO's KL rows go to every rank, so
   its reference point is the whole batch's) are split into N contiguous shards. Each rank
   weights its loss by its share of the loss's units (tokens, pairs or sequences), so the
-  ranks' gradients add up to exactly the gradient of the whole batch's loss, and the reported
-  loss and metrics are the unit-weighted means over ranks (``…/max`` metrics: the maximum).
-* ``OptimStep``: gradients are summed across ranks (all-reduce), then every rank clips and
-  steps identically, so the replicas stay equal.
+  ranks' summed gradients are exactly the gradient of the whole batch's loss, and the
+  reported loss and metrics are the unit-weighted means over ranks (``…/max`` metrics: the
+  maximum). A rank whose shard is empty still runs the forward and backward, on rank 0's
+  rows with weight 0, because DDP's and FSDP's collectives need every rank.
+* ``OptimStep``: the gradients are already reduced; every rank clips (by the global norm)
+  and steps, so DDP replicas stay equal and FSDP shards stay consistent.
 * ``Forward``: rows are split; the outputs are gathered on rank 0.
 * ``LoadCheckpoint``: every rank reads and checks the checkpoint (a volume all nodes mount);
-  it is applied only when every rank could; ``SaveCheckpoint`` and ``PushWeights`` run on
-  rank 0 alone.
+  it is applied only when every rank could. ``SaveCheckpoint`` and ``PushWeights`` run on
+  rank 0 alone under DDP; under FSDP every rank takes part (each writes its shards of the
+  training state; the full weights are gathered tensor by tensor onto rank 0).
 * ``Initialize``: each rank builds the new engine and keeps its old one unless every rank
   succeeded.
 
@@ -33,6 +38,7 @@ import os
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,13 +49,12 @@ from safetensors.numpy import save as save_arrays
 
 from alignd_server.common.errors import (
     AligndError,
-    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
 from alignd_server.common.models import use_deterministic_algorithms
 from alignd_server.common.server import configure_logging
-from alignd_server.trainer import restore
+from alignd_server.trainer import checkpoint, push, restore
 from alignd_server.trainer.config import (
     RankEnvironment,
     TrainerSettings,
@@ -61,14 +66,12 @@ from alignd_server.trainer.losses import SPECS, LossOutput
 
 log = logging.getLogger(__name__)
 MAX_METRICS = 64
-BUCKET = 1 << 24
-"""Gradient elements all-reduced at once."""
 
 
 class LocalExecutor:
     """One process: the primitives call the engine directly."""
 
-    world_size, backend = 1, ""
+    world_size, backend, parallel = 1, "", "none"
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.device = settings.device
@@ -77,13 +80,23 @@ class LocalExecutor:
         """Nothing to join."""
 
     def initialize(self, spec: InitSpec) -> TrainerEngine:
-        return build_engine(spec, self.device)
+        engine = build_engine(spec, self.device, "none")
+        engine.rank_bytes = ([engine.parameter_bytes()], [0])
+        return engine
 
-    def forward_backward(self, engine, batch, loss, params, scale, temperature):
-        return engine.forward_backward(batch, loss, params, scale, temperature)
+    def forward_backward(self, engine, batch, loss, params, scale, temperature, defer_sync):
+        return engine.forward_backward(batch, loss, params, scale, temperature, defer_sync)
 
     def optim_step(self, engine: TrainerEngine):
-        return engine.optim_step()
+        result = engine.optim_step()
+        engine.rank_bytes = ([engine.parameter_bytes()], [engine.optimizer_bytes()])
+        return result
+
+    def save(self, engine: TrainerEngine, path: Path, include_optimizer: bool) -> int:
+        return checkpoint.save(engine, path, include_optimizer)
+
+    def policy_weights(self, engine: TrainerEngine) -> dict[str, np.ndarray]:
+        return push.policy_weights(engine)
 
     def forward(self, engine, batch, outputs, temperature):
         return engine.forward(batch, outputs, temperature)
@@ -157,26 +170,11 @@ class Group:
         if failed:
             raise InvalidArgument("batch", f"{int(failed)} other rank(s) rejected their shard")
 
-    def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Sums every parameter's gradient over ranks, in flat buckets."""
-        grads = []
-        for p in parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        start = 0
-        while start < len(grads):
-            end, size = start, 0
-            while end < len(grads) and (size == 0 or size + grads[end].numel() <= BUCKET):
-                size += grads[end].numel()
-                end += 1
-            flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in grads[start:end]:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            start = end
+    def gather(self, value: float) -> list[float]:
+        """Every rank's ``value``, by rank."""
+        values = [0.0] * self.world_size
+        values[self.rank] = value
+        return self.sum(values)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -189,24 +187,39 @@ class ParallelExecutor:
     def __init__(self, settings: TrainerSettings, env: RankEnvironment) -> None:
         self.group = Group(settings, env)
         self.world_size, self.backend = env.world_size, self.group.backend
+        self.parallel = settings.parallel
 
     def start(self) -> None:
         self.group.join()
 
     def initialize(self, spec: InitSpec) -> TrainerEngine:
-        self.group.send("initialize", {"spec": dataclasses.asdict(spec)})
-        return _initialize(self.group, spec)
+        self.group.send("initialize", {"spec": dataclasses.asdict(spec), "parallel": self.parallel})
+        return _initialize(self.group, spec, self.parallel)
 
-    def forward_backward(self, engine, batch, loss, params, scale, temperature):
-        header = {"loss": loss, "params": params, "scale": scale, "temperature": temperature}
+    def forward_backward(self, engine, batch, loss, params, scale, temperature, defer_sync):
+        header = {"loss": loss, "params": params, "scale": scale, "temperature": temperature,
+                  "defer_sync": defer_sync}  # fmt: skip
         self.group.send("forward_backward", header, encode_batch(batch))
-        return _forward_backward(self.group, engine, batch, loss, params, scale, temperature)
+        return _forward_backward(
+            self.group, engine, batch, loss, params, scale, temperature, defer_sync
+        )
 
     def optim_step(self, engine: TrainerEngine):
-        if engine.accumulated == 0:
-            raise FailedPrecondition("no gradients accumulated: call ForwardBackward first")
+        engine.check_step()  # before the command: every rank would fail the same way
         self.group.send("optim_step")
-        return engine.optim_step()
+        return _optim_step(self.group, engine)
+
+    def save(self, engine: TrainerEngine, path: Path, include_optimizer: bool) -> int:
+        if not engine.sharded:
+            return checkpoint.save(engine, path, include_optimizer)
+        temporary = checkpoint.prepare(path)
+        self.group.send("save", {"temporary": str(temporary), "include": include_optimizer})
+        return _save(self.group, engine, temporary, include_optimizer, final=path)
+
+    def policy_weights(self, engine: TrainerEngine) -> dict[str, np.ndarray]:
+        if engine.sharded:
+            self.group.send("gather")
+        return push.policy_weights(engine)
 
     def forward(self, engine, batch, outputs, temperature):
         header = {"outputs": sorted(outputs), "temperature": temperature}
@@ -281,14 +294,19 @@ def _follow(group: Group, engine: TrainerEngine | None, header: dict, blob: byte
     """Runs one of rank 0's commands on this rank; returns the engine it leaves."""
     op = header["op"]
     if op == "initialize":
-        return _initialize(group, _spec(header["spec"]))
+        return _initialize(group, _spec(header["spec"]), header["parallel"])
     if op == "forward_backward":
         batch, temperature = decode_batch(blob), header["temperature"]
         _forward_backward(
-            group, engine, batch, header["loss"], header["params"], header["scale"], temperature
-        )
+            group, engine, batch, header["loss"], header["params"], header["scale"], temperature,
+            header["defer_sync"],
+        )  # fmt: skip
     elif op == "optim_step":
-        engine.optim_step()
+        _optim_step(group, engine)
+    elif op == "save":
+        _save(group, engine, Path(header["temporary"]), header["include"], final=None)
+    elif op == "gather":
+        push.policy_weights(engine)
     elif op == "forward":
         _forward(group, engine, decode_batch(blob), set(header["outputs"]), header["temperature"])
     elif op == "load":
@@ -301,11 +319,11 @@ def _spec(data: dict) -> InitSpec:
     return InitSpec(**{**data, "betas": tuple(data["betas"]), "lora": lora})
 
 
-def build_engine(spec: InitSpec, device: str) -> TrainerEngine:
+def build_engine(spec: InitSpec, device: str, parallel: str) -> TrainerEngine:
     """A new engine for ``spec``; a model that cannot be loaded is INVALID_ARGUMENT naming
     ``model_path`` (the caller keeps its previous engine)."""
     try:
-        return TrainerEngine(spec, device)
+        return TrainerEngine(spec, device, parallel)
     except AligndError:
         raise
     except torch.OutOfMemoryError as err:
@@ -315,15 +333,41 @@ def build_engine(spec: InitSpec, device: str) -> TrainerEngine:
         raise InvalidArgument("model_path", f"cannot load a model from it: {detail}") from None
 
 
-def _initialize(group: Group, spec: InitSpec) -> TrainerEngine:
+def _initialize(group: Group, spec: InitSpec, parallel: str) -> TrainerEngine:
     engine, error = None, None
     try:
-        engine = build_engine(spec, group.device)
-        engine.reduce_gradients = group.reduce_gradients
+        engine = build_engine(spec, group.device, parallel)
     except AligndError as err:
         error = err
     group.agree(error)
+    _measure(group, engine)
     return engine
+
+
+def _measure(group: Group, engine: TrainerEngine) -> None:
+    """Every rank's parameter and optimizer bytes, onto ``engine.rank_bytes``."""
+    engine.rank_bytes = (
+        [int(v) for v in group.gather(float(engine.parameter_bytes()))],
+        [int(v) for v in group.gather(float(engine.optimizer_bytes()))],
+    )
+
+
+def _optim_step(group: Group, engine: TrainerEngine):
+    result = engine.optim_step()
+    _measure(group, engine)
+    return result
+
+
+def _save(group: Group, engine, temporary: Path, include: bool, final: Path | None) -> int:
+    """FSDP: every rank writes its shards into ``temporary``; rank 0 (``final`` set) writes
+    the gathered weights and moves the checkpoint into place once every rank has written."""
+    error = None
+    try:
+        checkpoint.write(engine, temporary, include, writer=group.rank == 0)
+    except AligndError as err:
+        error = err
+    group.agree(error)
+    return checkpoint.commit(temporary, final) if final is not None else 0
 
 
 def _load(group: Group, engine: TrainerEngine, path: str, load_optimizer: bool) -> int:
@@ -377,35 +421,41 @@ def _take(batch: Batch, index: np.ndarray, by_pair: np.ndarray | None) -> Batch:
     )  # fmt: skip
 
 
-def _forward_backward(group, engine, batch, loss, params, scale, temperature):
+def _forward_backward(group, engine, batch, loss, params, scale, temperature, defer_sync):
+    with engine.gradient_sync(not defer_sync):
+        return _accumulate(group, engine, batch, loss, params, scale, temperature, defer_sync)
+
+
+def _accumulate(group, engine, batch, loss, params, scale, temperature, defer_sync):
     part = shard(batch, loss, group.rank, group.world_size)
+    empty = part is None  # still forward and backward (weight 0): the collectives need us
+    part = shard(batch, loss, 0, group.world_size) if empty else part
     output, error = None, None
-    if part is not None:
-        try:
-            output = engine.compute_loss(part, loss, params, temperature)
-        except AligndError as err:
-            error = err
-    keys = sorted(output.metrics) if output is not None else []
-    units = output.weight if output is not None else 0.0
+    try:
+        output = engine.compute_loss(part, loss, params, temperature)
+    except AligndError as err:
+        error = err
+    reported = None if empty else output
+    keys = sorted(reported.metrics) if reported is not None else []
+    units = reported.weight if reported is not None else 0.0
     values = [0.0] * (4 + MAX_METRICS)
     peaks = [-math.inf] * MAX_METRICS  # ``…/max`` metrics: the maximum over ranks
     values[0] = 1.0 if error is not None else 0.0
-    if output is not None:
-        values[1:4] = [units, float(output.num_tokens), float(output.loss.detach()) * units]
+    if reported is not None:
+        values[1:4] = [units, float(reported.num_tokens), float(reported.loss.detach()) * units]
         for i, key in enumerate(keys[:MAX_METRICS]):
-            values[4 + i] = output.metrics[key] * units
-            peaks[i] = output.metrics[key]
+            values[4 + i] = reported.metrics[key] * units
+            peaks[i] = reported.metrics[key]
     totals = group.sum(values)
     highest = group.max(peaks)
     if totals[0]:
         raise error or InvalidArgument("batch", f"{int(totals[0])} rank(s) rejected their shard")
     total_units = max(totals[1], 1e-30)
-    if output is not None:
-        engine.backward(output, scale * units / total_units)
-    else:
-        engine.accumulated += 1
+    engine.backward(output, scale * units / total_units, defer_sync)
     metrics = {k: highest[i] if k.endswith("/max") else totals[4 + i] / total_units
                for i, k in enumerate(keys[:MAX_METRICS])}  # fmt: skip
+    if "perplexity" in metrics and "nll" in metrics:  # exp of the batch's NLL, not a mean of exps
+        metrics["perplexity"] = math.exp(min(metrics["nll"], 700.0))
     combined = LossOutput(torch.tensor(totals[3] / total_units), metrics, int(totals[2]))
     return combined, engine.accumulated
 
@@ -415,11 +465,13 @@ def _forward(group, engine, batch, outputs: set[str], temperature: float) -> dic
     splits = np.array_split(np.arange(len(batch.rows)), group.world_size)
     mine = splits[group.rank]
     result, error = {}, None
-    if len(mine):
+    if len(mine) or engine.sharded:  # FSDP: every rank takes part in each forward
         try:
-            result = engine.forward(_take(batch, mine, None), outputs, temperature)
+            rows = mine if len(mine) else splits[0]
+            result = engine.forward(_take(batch, rows, None), outputs, temperature)
         except AligndError as err:
             error = err
+        result = result if len(mine) else {}
     group.agree(error)
     lengths = [len(r) - int(p) for r, p in zip(batch.rows, batch.prompts, strict=True)]
     width, height = max(lengths), max(len(s) for s in splits)

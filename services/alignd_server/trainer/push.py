@@ -14,20 +14,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
 from alignd import AsyncGenerationClient, TLSConfig
 from alignd.errors import AligndError
 from alignd.v1 import trainer_pb2
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
-from alignd_server.trainer import lora
 from alignd_server.trainer.config import TrainerSettings
 
 
-def policy_weights(model) -> dict[str, np.ndarray]:
+def policy_weights(engine) -> dict[str, np.ndarray]:
     """The policy's parameters as float32 numpy arrays, by name (tied weights once; LoRA
-    adapters merged)."""
-    return {n: p.float().cpu().numpy() for n, p in lora.merged_weights(model).items()}
+    adapters merged). Under FSDP every rank calls it (the weights are gathered tensor by
+    tensor); only rank 0 gets them."""
+    keep = not engine.sharded or torch.distributed.get_rank() == 0
+    return {n: p.float().cpu().numpy() for n, p in engine.full_weights(keep).items()}
 
 
 def _client(address: str, settings: TrainerSettings) -> AsyncGenerationClient:

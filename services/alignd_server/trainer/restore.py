@@ -7,12 +7,20 @@ parameter, parameter groups, scheduler fields, RNG state). :func:`apply` then co
 read; everything it does was checked, so it cannot fail half way. A damaged checkpoint (a
 corrupt or truncated safetensors file, wrong shapes, malformed JSON) is INVALID_ARGUMENT naming
 ``path`` (or ``load_optimizer``) and leaves the weights, optimizer and step as they were.
+
+A sharded (format 2) checkpoint is read with ``torch.distributed.checkpoint`` into fresh
+tensors shaped like this engine's (DTensor shards under FSDP, whole tensors otherwise: DCP
+reshards to any world size). DCP keeps its index in a pickle; it is read with an unpickler
+that admits only DCP's metadata classes, torch sizes and dtypes, and paths, so a planted file
+cannot run code. Under FSDP a whole (format 1) checkpoint is read whole by every rank and each
+keeps its shard of every tensor.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +33,13 @@ from alignd_server.common.errors import InvalidArgument
 from alignd_server.trainer.checkpoint import (
     ADAPTER,
     ADAPTER_JSON,
+    MARKER,
+    SHARDED,
+    SHARDED_FORMAT,
     STATE_JSON,
     STATE_TENSORS,
     VALUE_HEAD,
+    sharded_state,
 )
 from alignd_server.trainer.engine import TrainerEngine
 
@@ -44,6 +56,8 @@ class Restored:
     scheduler: dict | None
     rng: torch.Tensor | None
     step: int | None
+    sharded: dict[str, torch.Tensor] | None = None  # format 2: the trained parameters, by
+    # network name, shaped like the engine's
 
 
 def _damaged(what: str, detail: Any, field: str = "path") -> InvalidArgument:
@@ -86,6 +100,9 @@ def read(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> Resto
     directory = Path(path)
     if not path or not (directory / "config.json").is_file():
         raise InvalidArgument("path", f"{path!r} is not a checkpoint directory")
+    marker = _json(directory / MARKER) if (directory / MARKER).is_file() else {}
+    if isinstance(marker, dict) and marker.get("format") == SHARDED_FORMAT:
+        return _read_sharded(engine, directory, load_optimizer)
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("model*.safetensors")):
         weights.update(_tensors(file))
@@ -104,6 +121,106 @@ def read(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> Resto
     restored = Restored(parameters, value_head, None, None, None, None)
     if load_optimizer:
         _training_state(engine, directory, restored)
+    return restored
+
+
+class _SafeMetadata(pickle.Unpickler):
+    """Unpickles DCP's index, admitting only the classes it is made of."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module in self.MODULES and not name.startswith("__"))
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                                    torch.dtype)))
+            or (module, name) in {("torch.serialization", "_get_layout"),
+                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+        )  # fmt: skip
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP index")
+        return super().find_class(module, name)
+
+
+def _reader(state: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(self.path) / ".metadata", "rb") as file:
+                metadata = _SafeMetadata(file).load()
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(state))
+
+
+def _read_sharded(engine: TrainerEngine, directory: Path, load_optimizer: bool) -> Restored:
+    """Format 2: the trained parameters (and moments) from ``state/`` via DCP."""
+    from torch.distributed import checkpoint as dcp
+
+    state = directory / SHARDED
+    reader = _reader(state)
+    try:
+        metadata = reader.read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as err:
+        raise _damaged(f"{SHARDED}/.metadata", err) from None
+    saved = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(saved, dict):
+        raise _damaged(f"{SHARDED}/.metadata", "no state_dict_metadata")
+    if load_optimizer:
+        meta = _json(directory / STATE_JSON, "load_optimizer") if (
+            directory / STATE_JSON).is_file() else None  # fmt: skip
+        if meta is None or not any(k.startswith("exp_avg.") for k in saved):
+            raise InvalidArgument("load_optimizer", f"{str(directory)!r} holds no training state")
+    template = {}
+    for key, value in sharded_state(engine, moments=False).items():
+        template[key] = torch.empty_like(value)
+    names = [name for name, _ in engine.named_trainable()]
+    if load_optimizer:
+        for name, parameter in engine.named_trainable():
+            template[f"exp_avg.{name}"] = torch.empty_like(parameter.detach())
+            template[f"exp_avg_sq.{name}"] = torch.empty_like(parameter.detach())
+            template[f"step.{name}"] = torch.zeros((), dtype=torch.float32)
+        template["rng"] = torch.empty_like(torch.get_rng_state())
+    wanted = {k for k in saved if k.startswith("param.")} if not load_optimizer else set(saved)
+    missing, unexpected = sorted(set(template) - set(saved)), sorted(wanted - set(template))
+    if missing or unexpected:
+        raise InvalidArgument(
+            "path", f"checkpoint does not fit the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (LoRA and full fine-tuning differ)",
+        )  # fmt: skip
+    for key, value in template.items():
+        size = getattr(saved[key], "size", None)
+        if size is None or tuple(size) != tuple(value.shape):
+            raise InvalidArgument(
+                "path", f"checkpoint does not fit the model: {key!r} has shape "
+                f"{list(size) if size is not None else None}, the model's is {list(value.shape)}",
+            )  # fmt: skip
+    try:
+        dcp.load(template, storage_reader=reader)
+    except Exception as err:  # DCP wraps a rank's read failure in CheckpointException
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _damaged(SHARDED, detail) from None
+    for key, value in template.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if key != "rng" and local.dtype.is_floating_point and not bool(torch.isfinite(local).all()):
+            raise _damaged(SHARDED, f"{key!r} is not finite")
+    restored = Restored({}, None, None, None, None, None,
+                        sharded={n: template[f"param.{n}"] for n in names})  # fmt: skip
+    if load_optimizer:
+        _check_state_meta(engine, meta)
+        if meta.get("parameters") != names:
+            raise _damaged(STATE_JSON, "its parameter names do not match", "load_optimizer")
+        restored.optimizer = {
+            "state": {i: {k: template[f"{k}.{n}"] for k in ("step", *MOMENTS)}
+                      for i, n in enumerate(names)},
+            "param_groups": meta["param_groups"],
+        }  # fmt: skip
+        restored.scheduler = meta["scheduler"]
+        restored.rng = _rng({"rng.torch": template["rng"]})
+        restored.step = meta["step"]
     return restored
 
 
@@ -152,6 +269,16 @@ def _training_state(engine: TrainerEngine, directory: Path, restored: Restored) 
     if not (directory / STATE_JSON).is_file():
         raise InvalidArgument("load_optimizer", f"{str(directory)!r} holds no training state")
     meta = _json(directory / STATE_JSON, "load_optimizer")
+    _check_state_meta(engine, meta)
+    tensors = _tensors(directory / STATE_TENSORS)
+    restored.optimizer = {"state": _moments(engine, tensors), "param_groups": meta["param_groups"]}
+    restored.scheduler = meta["scheduler"]
+    restored.rng = _rng(tensors)
+    restored.step = meta["step"]
+
+
+def _check_state_meta(engine: TrainerEngine, meta: Any) -> None:
+    """trainer_state.json: step, param groups and scheduler fit this engine."""
     if not isinstance(meta, dict) or not {"step", "param_groups", "scheduler"} <= set(meta):
         raise _damaged(STATE_JSON, "it needs step, param_groups and scheduler", "load_optimizer")
     groups = meta["param_groups"]
@@ -169,11 +296,6 @@ def _training_state(engine: TrainerEngine, directory: Path, restored: Restored) 
     step = meta["step"]
     if not isinstance(step, int) or step < 0:
         raise _damaged(STATE_JSON, f"step {step!r}", "load_optimizer")
-    tensors = _tensors(directory / STATE_TENSORS)
-    restored.optimizer = {"state": _moments(engine, tensors), "param_groups": groups}
-    restored.scheduler = meta["scheduler"]
-    restored.rng = _rng(tensors)
-    restored.step = step
 
 
 def _is_groups(groups: Any) -> bool:
@@ -240,23 +362,50 @@ def _rng(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def apply(engine: TrainerEngine, restored: Restored) -> int:
     """Copies a checked checkpoint into ``engine``; returns the step."""
     with torch.no_grad():
-        if engine.spec.lora is None:
+        if restored.sharded is not None:
+            for name, parameter in engine.named_trainable():
+                parameter.copy_(restored.sharded[name])
+        elif engine.spec.lora is None and not engine.sharded:
             engine.model.load_state_dict(restored.parameters, strict=False)
         else:
-            named = dict(engine.model.named_parameters())
+            named = engine.model.state_dict(keep_vars=True)
             for name, tensor in restored.parameters.items():
-                named[name].copy_(tensor)
+                _assign(named[name], tensor)
         if restored.value_head is not None:
-            engine.value_head.load_state_dict(restored.value_head)
+            named = dict(engine.value_head.named_parameters())
+            for name, tensor in restored.value_head.items():
+                _assign(named[name], tensor)
     if restored.optimizer is None:
         return engine.step
-    engine.optimizer.load_state_dict(restored.optimizer)
+    optimizer = restored.optimizer
+    if engine.sharded and restored.sharded is None:  # whole moments: each rank keeps its shard
+        parameters = engine.parameters
+        optimizer = {**optimizer, "state": {
+            i: {k: _shard_like(parameters[i], v) if k != "step" else v for k, v in m.items()}
+            for i, m in optimizer["state"].items()}}  # fmt: skip
+    engine.optimizer.load_state_dict(optimizer)
     engine.scheduler.load_state_dict(restored.scheduler)
     torch.set_rng_state(restored.rng)
     engine.step = restored.step
     engine.accumulated = 0
     engine.optimizer.zero_grad(set_to_none=True)
     return engine.step
+
+
+def _shard_like(target: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole) as ``target`` holds it: this rank's shard when ``target`` is a
+    DTensor (every rank has the whole tensor, so nothing is sent)."""
+    if not hasattr(target, "device_mesh"):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        tensor.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None
+    )
+
+
+def _assign(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    target.copy_(_shard_like(target, tensor))
 
 
 def load(engine: TrainerEngine, path: str, load_optimizer: bool = True) -> int:

@@ -16,7 +16,7 @@ from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.tokenize_rpc import serve_tokenize
 from alignd_server.common.validation import optional_in_range, temperature
-from alignd_server.trainer import checkpoint, convert, parallel, push
+from alignd_server.trainer import convert, parallel, push
 from alignd_server.trainer.config import TrainerSettings
 from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 from alignd_server.trainer.metrics import TrainerMetrics
@@ -84,6 +84,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         engine = await self._run(self.executor.initialize, spec)
         limit = engine.loaded.sequence_limit(self.settings.max_sequence_length)
         self.engine = engine
+        self._memory(engine)
         self.limits = self.settings.model_copy(update={"max_sequence_length": limit})
         return trainer_pb2.InitializeResponse(
             model=model_info(engine.loaded), trainable_parameters=engine.trainable_parameters
@@ -104,8 +105,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             request, "loss_scale", "loss_scale", 1.0, 0, convert.MAX_LOSS_SCALE, open_low=True
         )
         output, accumulated = await self._run(
-            self.executor.forward_backward, engine, batch, name, params, scale, temperature
-        )
+            self.executor.forward_backward, engine, batch, name, params, scale, temperature,
+            request.defer_sync,
+        )  # fmt: skip
         self.metrics.loss.labels(name).set(float(output.loss.detach()))
         self.metrics.tokens.inc(output.num_tokens)
         return trainer_pb2.ForwardBackwardResponse(
@@ -114,7 +116,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )  # fmt: skip
 
     async def OptimStep(self, request, context) -> trainer_pb2.OptimStepResponse:
-        norm, lr, step = await self._run(self.executor.optim_step, self._engine())
+        engine = self._engine()
+        norm, lr, step = await self._run(self.executor.optim_step, engine)
+        self._memory(engine)
         self.metrics.step.set(step)
         self.metrics.learning_rate.set(lr)
         self.metrics.grad_norm.set(norm)
@@ -144,7 +148,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         include = request.include_optimizer if request.HasField("include_optimizer") else True
         path = self.roots.resolve(request.path, "path", write=True)
         with self.metrics.checkpoint_seconds.time():
-            size = await self._run(checkpoint.save, engine, path, include)
+            size = await self._run(self.executor.save, engine, path, include)
         return trainer_pb2.SaveCheckpointResponse(path=request.path, bytes=size, step=engine.step)
 
     async def LoadCheckpoint(self, request, context) -> trainer_pb2.LoadCheckpointResponse:
@@ -162,7 +166,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         spec = convert.push_spec(request, self.roots)
         await self.push_targets.check(spec.addresses)  # last: it may resolve names
         with self.metrics.push_seconds.time():
-            weights = await self._run(push.policy_weights, engine.model)
+            weights = await self._run(self.executor.policy_weights, engine)
             results = await push.push(
                 weights, spec.addresses, spec.version, spec.timeout, spec.shared, self.settings
             )
@@ -184,9 +188,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             trainable_parameters=engine.trainable_parameters, pushed_version=engine.pushed_version,
         )  # fmt: skip
 
+    def _memory(self, engine: TrainerEngine) -> None:
+        parameters, optimizer = engine.rank_bytes
+        for rank, (held, state) in enumerate(zip(parameters, optimizer, strict=True)):
+            self.metrics.parameter_bytes.labels(str(rank)).set(held)
+            self.metrics.optimizer_bytes.labels(str(rank)).set(state)
+
     async def GetInfo(self, request, context) -> trainer_pb2.TrainerInfo:
-        loaded = self.engine.loaded if self.engine is not None else None
-        info = server_info(SERVICE, self.limits, self.started_at, loaded)
+        engine = self.engine
+        info = server_info(SERVICE, self.limits, self.started_at, engine and engine.loaded)
+        parameters, optimizer = engine.rank_bytes if engine is not None else ([], [])
         return trainer_pb2.TrainerInfo(
-            server=info, world_size=self.executor.world_size, backend=self.executor.backend
-        )
+            server=info, world_size=self.executor.world_size, backend=self.executor.backend,
+            parallel=self.executor.parallel, dtype=engine.spec.dtype if engine else "",
+            parameter_bytes=parameters, optimizer_bytes=optimizer,
+        )  # fmt: skip

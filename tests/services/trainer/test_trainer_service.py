@@ -215,13 +215,39 @@ def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, field
 
 
 def test_an_initialize_without_dtype_takes_the_servers_dtype_setting(serve, tiny_models):
+    """The dtype is the compute dtype (mixed precision): the weights stay float32."""
     request = trainer_pb2.InitializeRequest(
         model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM
     )
     with TrainerClient(serve("trainer", dtype="bfloat16").target) as client:
-        assert client._call("Initialize", request).model.dtype == "bfloat16"
-        request.dtype = "float32"  # a request's own dtype wins
         assert client._call("Initialize", request).model.dtype == "float32"
+        info = client.info()
+        assert (info.dtype, info.parallel, info.world_size) == ("bfloat16", "none", 1)
+        assert info.parameter_bytes[0] == 4 * client.state().trainable_parameters
+        assert list(info.optimizer_bytes) == [0]
+        request.dtype = "float32"  # a request's own dtype wins
+        client._call("Initialize", request)
+        assert client.info().dtype == "float32"
+        train_steps(client, 1)
+        info = client.info()  # AdamW: two moments per weight, and a step count per tensor
+        assert 8 * client.state().trainable_parameters < info.optimizer_bytes[0]
+        assert info.optimizer_bytes[0] < 9 * client.state().trainable_parameters
+
+
+def test_defer_sync_holds_the_step_until_the_last_micro_batch(serve, tiny_models):
+    with TrainerClient(serve("trainer").target) as client:
+        client._call(
+            "Initialize",
+            trainer_pb2.InitializeRequest(
+                model_path=str(tiny_models.causal_lm), kind=trainer_pb2.MODEL_KIND_CAUSAL_LM
+            ),
+        )
+        client._call("ForwardBackward", FB(batch=batch(), loss=SFT, defer_sync=True))
+        with pytest.raises(FailedPreconditionError, match="defer_sync"):
+            client._call("OptimStep", trainer_pb2.OptimStepRequest())
+        assert client.state().accumulated_batches == 1  # kept
+        client._call("ForwardBackward", FB(batch=batch(), loss=SFT))
+        assert client._call("OptimStep", trainer_pb2.OptimStepRequest()).step == 1
 
 
 def train_steps(client, count: int) -> None:
