@@ -250,9 +250,10 @@ class ErrorInterceptor(ScopeInterceptor):
             await abort(
                 context, grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server"
             )
-        except (aio.AbortError, asyncio.CancelledError, GeneratorExit):
+        except (aio.AbortError, asyncio.CancelledError, GeneratorExit, KeyboardInterrupt,
+                SystemExit):  # fmt: skip
             raise
-        except Exception:
+        except BaseException:  # also libraries' BaseException subclasses (torch's DCP errors)
             if context.cancelled():  # the caller went away; what failed was talking to it
                 raise asyncio.CancelledError from None
             log.exception("unhandled error in %s", method)

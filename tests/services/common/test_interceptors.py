@@ -127,6 +127,25 @@ class BrokenReward(reward_pb2_grpc.RewardServiceServicer):
         raise InvalidArgument("items[3].response", "must not be empty")
 
 
+class LibraryFailure(BaseException):
+    """As torch.distributed.checkpoint's CheckpointException: a BaseException subclass."""
+
+
+class FailingLibrary(BrokenReward):
+    async def Compare(self, request, context):
+        raise LibraryFailure("a library's error that is not an Exception")
+
+
+def test_a_base_exception_from_a_library_is_answered_internal_not_left_hanging():
+    settings = ServerSettings(port=0, metrics_port=-1, grace_s=0.1)
+    with ServerThread(Server(settings, [FailingLibrary()])) as thread:
+        with RewardClient(thread.target, retries=1) as client:
+            with pytest.raises(InternalError, match="internal error"):
+                client._call("Compare", reward_pb2.CompareRequest(), timeout=60)
+            with pytest.raises(InvalidArgumentError):  # and the server goes on serving
+                client._call("Score", reward_pb2.ScoreRequest())
+
+
 def test_unexpected_exceptions_become_internal_with_a_request_id_and_the_server_survives():
     settings = ServerSettings(port=0, metrics_port=-1, grace_s=0.1)
     with ServerThread(Server(settings, [BrokenReward()])) as thread:
@@ -143,6 +162,7 @@ def test_unexpected_exceptions_become_internal_with_a_request_id_and_the_server_
                 client._call("Score", reward_pb2.ScoreRequest())
             with pytest.raises(UnimplementedError, match="Compare is not implemented"):
                 client._call("Compare", reward_pb2.CompareRequest())
+
             assert client.health() == "SERVING"
 
 
