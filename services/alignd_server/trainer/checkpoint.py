@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from alignd_server.common.errors import InvalidArgument
+from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.trainer import lora
 from alignd_server.trainer.engine import TrainerEngine
 
@@ -123,8 +123,8 @@ def write(engine: TrainerEngine, temporary: Path, include_optimizer: bool, write
         if value_head is not None:
             save_file({k: v.contiguous() for k, v in value_head.items()},
                       str(temporary / VALUE_HEAD))  # fmt: skip
-    if include_optimizer and sharded:
-        _sharded_training_state(engine, temporary, writer)
+    if sharded:  # the trained parameters always, the optimizer when asked
+        _sharded_training_state(engine, temporary, writer, include_optimizer)
     elif include_optimizer and writer:
         tensors, meta = _training_state(engine)
         save_file(tensors, str(temporary / STATE_TENSORS))
@@ -160,11 +160,20 @@ def sharded_state(engine: TrainerEngine, moments: bool = True) -> dict[str, torc
     return state
 
 
-def _sharded_training_state(engine: TrainerEngine, temporary: Path, writer: bool) -> None:
+def _sharded_training_state(
+    engine: TrainerEngine, temporary: Path, writer: bool, moments: bool
+) -> None:
     from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(sharded_state(engine), checkpoint_id=str(temporary / SHARDED))
-    if writer:
+    try:
+        dcp.save(sharded_state(engine, moments), checkpoint_id=str(temporary / SHARDED))
+    except (OSError, CheckpointException) as err:  # DCP's is a BaseException
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FailedPrecondition(
+            f"path: cannot write the sharded training state: {detail}"
+        ) from None
+    if writer and moments:
         _, meta = _training_state(engine, tensors=False)
         meta["parameters"] = [name for name, _ in engine.named_trainable()]
         (temporary / STATE_JSON).write_text(json.dumps(meta))

@@ -198,9 +198,11 @@ def _read_sharded(engine: TrainerEngine, directory: Path, load_optimizer: bool) 
                 "path", f"checkpoint does not fit the model: {key!r} has shape "
                 f"{list(size) if size is not None else None}, the model's is {list(value.shape)}",
             )  # fmt: skip
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(template, storage_reader=reader)
-    except Exception as err:  # DCP wraps a rank's read failure in CheckpointException
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise _damaged(SHARDED, detail) from None
     for key, value in template.items():

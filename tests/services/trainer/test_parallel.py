@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from safetensors.torch import load_file
 
 from alignd import TrainBatch, TrainerClient, losses
 from alignd.clients.trainer import LoraConfig
+from alignd.errors import InvalidArgumentError
 from alignd.local import LocalService, free_port
 from alignd_server.trainer.config import RankEnvironment, TrainerSettings
 from alignd_server.trainer.engine import Batch
@@ -219,3 +224,57 @@ def test_two_ranks_compute_what_one_rank_does(
         assert sum(info.parameter_bytes) == params
         for held, total in ((info.parameter_bytes, params), (info.optimizer_bytes, state)):
             assert all(0.4 * total < b < 0.6 * total for b in held), (list(held), total)
+
+
+def _resume(trainer: TrainerClient, model, checkpoint) -> dict:
+    """Loads ``checkpoint`` into a fresh engine and takes the step the one-rank run took
+    after saving it."""
+    trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
+    step = trainer.load_checkpoint(checkpoint).step
+    record: dict = {"step": step}
+    _steps(trainer, ((SFT, losses.CrossEntropy()),), record)
+    return record
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
+    one_rank, tiny_models, tmp_path, storage_root
+):
+    """1 → 2: FSDP loads the one-rank (whole) checkpoint and writes a sharded one; 2 → 2 and
+    2 → 1 load that; each continues with exactly the step the one-rank run took. A damaged
+    shard or a planted index is refused and leaves the trainer as it was."""
+    model, whole = str(tiny_models.causal_lm), one_rank["directory"] / "lm"
+    after = one_rank["record"]["after"]
+    sharded = tmp_path / "sharded"
+    with _trainer(tmp_path, storage_root, model, 2, "fsdp") as service:
+        with TrainerClient(service.target) as trainer:
+            trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
+            assert trainer.load_checkpoint(whole).step == 4
+            trainer.save_checkpoint(sharded)
+            records = [_resume(trainer, model, whole), _resume(trainer, model, sharded)]
+    marker = json.loads((sharded / "alignd_checkpoint.json").read_text())
+    assert marker["format"] == 2 and (sharded / "state" / ".metadata").is_file()
+    assert len(list((sharded / "state").glob("*.distcp"))) == 2  # a file of shards per rank
+    with _trainer(tmp_path, storage_root, model, 1) as service:
+        with TrainerClient(service.target) as trainer:
+            records.append(_resume(trainer, model, sharded))
+            before = trainer.forward(SFT, ["logprobs"])["logprobs"]
+            damaged = tmp_path / "damaged"
+            shutil.copytree(sharded, damaged)
+            shard = sorted((damaged / "state").glob("*.distcp"))[0]
+            shard.write_bytes(shard.read_bytes()[:100])
+            with pytest.raises(InvalidArgumentError, match="path"):
+                trainer.load_checkpoint(damaged)
+            planted = tmp_path / "planted"
+            shutil.copytree(sharded, planted)
+            (planted / "state" / ".metadata").write_bytes(
+                pickle.dumps(os.system)  # unpickling it would hand over a callable
+            )
+            with pytest.raises(InvalidArgumentError, match="not part of a DCP index"):
+                trainer.load_checkpoint(planted)
+            for got, want in zip(trainer.forward(SFT, ["logprobs"])["logprobs"], before,
+                                 strict=True):  # fmt: skip
+                np.testing.assert_array_equal(got, want)
+    for record in records:
+        assert record["step"] == 4
+        _assert_same(record, after)
