@@ -143,22 +143,13 @@ def _run(trainer: TrainerClient, model, directory) -> dict:
     return record
 
 
-def _trainer(tmp_path, storage_root, model, nproc: int, parallel: str = "ddp") -> LocalService:
-    args = [
-        "--model",
-        model,
-        "--nproc",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        "--metrics-port",
-        "-1",
-        "--storage-root",
-        str(storage_root),
-        "--parallel",
-        parallel,
-    ]
-    return LocalService("trainer", args, log_file=tmp_path / f"{parallel}{nproc}.log")  # fmt: skip
+def _trainer(
+    tmp_path, storage_root, model, nproc: int, parallel: str = "ddp", *extra: str
+) -> LocalService:
+    args = ["--model", model, "--nproc", str(nproc), "--master-port", str(free_port()),
+            "--metrics-port", "-1", "--storage-root", str(storage_root), "--parallel", parallel,
+            *extra]  # fmt: skip
+    return LocalService("trainer", args, log_file=tmp_path / f"{parallel}{nproc}.log")
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +269,27 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
     for record in records:
         assert record["step"] == 4
         _assert_same(record, after)
+
+
+@pytest.mark.slow
+def test_fsdp_pushes_the_gathered_weights(serve, one_rank, tiny_models, tmp_path, storage_root):
+    """Under FSDP every rank gathers its shards for PushWeights: the replica then serves the
+    trained model (its log-probs of what it generates equal the trainer's), and the weights
+    equal the one-rank run's."""
+    from alignd import GenerationClient, SamplingParams
+
+    model, replica = str(tiny_models.causal_lm), serve("generation")
+    push = ("--push-targets", replica.target)
+    with _trainer(tmp_path, storage_root, model, 2, "fsdp", *push) as service:
+        with TrainerClient(service.target) as trainer:
+            trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
+            trainer.load_checkpoint(one_rank["directory"] / "lm")
+            (result,) = trainer.push_weights([replica.target], version=3, timeout_seconds=60)
+            assert result.ok, result.error
+            greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+            with GenerationClient(replica.target) as client:
+                (completion,) = client.generate([ROWS[0][:2]], greedy)[0]
+            sequence = np.concatenate([ROWS[0][:2], completion.token_ids]).astype(np.int32)
+            own = trainer.forward(TrainBatch([sequence], [2]), ["logprobs"])["logprobs"][0]
+    assert completion.weights_version == 3
+    np.testing.assert_allclose(completion.logprobs, own, atol=1e-5)

@@ -436,3 +436,27 @@ def test_trainer_metrics_report_step_loss_lr_and_grad_norm(serve, tiny_models, t
     assert values["alignd_trainer_grad_norm"] == pytest.approx(step.grad_norm, rel=1e-6)
     assert values["alignd_trainer_tokens_total"] == 7
     assert values["alignd_checkpoint_seconds_count"] == 1
+
+
+def test_bfloat16_trains_in_mixed_precision_on_float32_master_weights(serve, tiny_models, tmp_path):
+    """bf16 compute (autocast) follows the float32 run within bf16's precision, while the
+    weights and AdamW's moments stay float32: the checkpoint is float32."""
+    from safetensors.torch import load_file
+
+    losses = {}
+    with TrainerClient(serve("trainer").target) as client:
+        for dtype in ("float32", "bfloat16"):
+            initialize(client, tiny_models.causal_lm, dtype=dtype)
+            losses[dtype] = []
+            for _ in range(3):
+                losses[dtype].append(
+                    client._call("ForwardBackward", FB(batch=batch(), loss=SFT)).loss
+                )
+                client._call("OptimStep", trainer_pb2.OptimStepRequest())
+        client.save_checkpoint(tmp_path / "bf16")
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+    assert losses["bfloat16"] != losses["float32"]  # bf16 did compute something else
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    state = load_file(str(tmp_path / "bf16" / "trainer_state.safetensors"))
+    assert {t.dtype for k, t in state.items() if "exp_avg" in k} == {torch.float32}
