@@ -25,6 +25,11 @@ Both sides, and the matmul, use the same number of torch threads: ``OMP_NUM_THRE
 (the service inherits it), else one per core. On a machine shared with other work, fewer
 threads than cores give steadier numbers (``OMP_NUM_THREADS=1``).
 
+``--parallel`` compares instead the trainer service's DPO step at 1 rank, 2 ranks ``ddp`` and
+2 ranks ``fsdp`` (three services, taking turns step by step): seconds per step and, per rank,
+the parameter and optimizer bytes the service reports and each rank process's peak resident
+memory (VmHWM). On 2 cores the speed-up is bounded; the memory is the point.
+
 ``--device cuda`` puts both sides (the trainer and reference services, TRL's trainer) and the
 matmul on the GPU, still in float32. ``--peer none`` runs the service's steps alone (where TRL
 is not installed): seconds per step and achieved ÷ matmul FLOP/s, no TRL ratios.
@@ -34,6 +39,7 @@ Runs in the benchmark environment (``make setup-bench``; it has TRL):
     .venv-bench/bin/python bench/trainer_step.py --quick
     .venv-bench/bin/python bench/trainer_step.py --pairs 64 --batch 8 --max-length 128 --steps 6
     python bench/trainer_step.py --device cuda --peer none --policy DIR --reward DIR
+    .venv/bin/python bench/trainer_step.py --parallel --pairs 16 --batch 4 --steps 4
 """
 
 from __future__ import annotations
@@ -302,6 +308,89 @@ def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> 
     return {"service": service.times, "trl": timer.times}
 
 
+def _ranks(pid: int) -> list[int]:
+    """``pid`` and its descendants that run Python (torchrun's ranks), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    ranks = [p for p in found if p != pid] or [pid]  # torchrun's children, or the one process
+    return sorted(ranks)
+
+
+def _peak_rss(pid: int) -> int:
+    """Peak resident bytes of process ``pid`` (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def parallel_modes(args: argparse.Namespace, flags: list[str]) -> int:
+    """The DPO step at 1 rank, 2 ranks ddp and 2 ranks fsdp, taking turns."""
+    from contextlib import ExitStack
+
+    from alignd.local import free_port
+
+    path = resolve_model(args.policy)
+    loaded = load_causal_lm(path)
+    steps = steps_of(dpo_rows(loaded.tokenizer, make_pairs(args.pairs), args.max_length),
+                     args.batch)  # fmt: skip
+    ref = reference_logps(path, steps, args.device)
+    batches = [TrainBatch(s.rows, s.prompts, sequence_inputs={"ref_logps": r})
+               for s, r in zip(steps, ref, strict=True)]  # fmt: skip
+    modes = {"1 rank": ["--nproc", "1"],
+             "2 ranks ddp": ["--nproc", "2", "--parallel", "ddp"],
+             "2 ranks fsdp": ["--nproc", "2", "--parallel", "fsdp"]}  # fmt: skip
+    sides, pids = {}, {}
+    with ExitStack() as stack:
+        for name, extra in modes.items():
+            service = stack.enter_context(LocalService(
+                "trainer", [*flags, *extra, "--master-port", str(free_port())]))  # fmt: skip
+            client = stack.enter_context(TrainerClient(service.target, timeout=3600))
+            client.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
+            sides[name] = ServiceSteps(client, batches, losses.DPO(beta=BETA))
+            pids[name] = service.process.pid
+        for step in range(args.warmup + args.steps):
+            for side in sides.values():
+                side(step)
+        info = {name: side.client.info() for name, side in sides.items()}
+        rss = {name: [_peak_rss(p) for p in _ranks(pid)] for name, pid in pids.items()}
+    w, mib = args.warmup, 1 << 20
+    print(f"\n{args.device}, threads {torch.get_num_threads()}; {args.pairs} pairs, "
+          f"{args.batch} pairs/step, max length {args.max_length}, "
+          f"{args.steps} timed steps")  # fmt: skip
+    rows = []
+    for name, side in sides.items():
+        first = np.abs(np.array(side.losses) - np.array(sides["1 rank"].losses)).max()
+        print(f"{name}: s/step " + " ".join(f"{t:.2f}" for t in side.times)
+              + f"; max |loss - 1 rank's| {first:.1e}")  # fmt: skip
+        rows += [
+            (f"DPO {name}, s/step", statistics.median(side.times[w:]), "s/step"),
+            (f"{name}: parameters per rank", max(info[name].parameter_bytes) / mib, "MiB"),
+            (f"{name}: optimizer state per rank", max(info[name].optimizer_bytes) / mib, "MiB"),
+            (f"{name}: peak resident memory per rank (max)", max(rss[name]) / mib, "MiB"),
+        ]
+    one = statistics.median(sides["1 rank"].times[w:])
+    ratios = {
+        f"{name} / 1 rank, s/step": statistics.median(side.times[w:]) / one
+        for name, side in sides.items() if name != "1 rank"
+    }  # fmt: skip
+    ratios["2 ranks fsdp / 1 rank, optimizer bytes per rank"] = max(
+        info["2 ranks fsdp"].optimizer_bytes
+    ) / max(info["1 rank"].optimizer_bytes)
+    report("trainer step: 1 rank vs 2 ranks ddp vs 2 ranks fsdp", rows, ratios, args.out)
+    return 0
+
+
 def matmul_flops(device: str, n: int = 2048, repeats: int = 5) -> float:
     """Best FLOP/s of an (n, n) @ (n, n) float32 product (2 n³ FLOPs each) on ``device``."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)  # (n, n), (n, n)
@@ -331,6 +420,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer", choices=["trl", "none"], default="trl",
                         help="none: the service alone, where TRL is not installed")  # fmt: skip
     add_device_argument(parser)
+    parser.add_argument("--parallel", action="store_true",
+                        help="compare 1 rank, 2 ranks ddp and 2 ranks fsdp (no peer)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines")
     args = parser.parse_args()
     if args.quick:
@@ -351,6 +442,8 @@ def main() -> int:
              "--device", args.device]  # fmt: skip
     for root in sorted({str(resolve_model(m).parent) for m in (args.policy, args.reward)}):
         flags += ["--storage-root", root]  # Initialize may load the models from there
+    if args.parallel:
+        return parallel_modes(args, flags)
     with tempfile.TemporaryDirectory() as out, LocalService("trainer", flags) as service:
         with TrainerClient(service.target, timeout=3600) as trainer:
             d = dpo(args, trainer, out)
