@@ -10,7 +10,9 @@ everything trained and PyTorch's data-parallel engines can wrap it whole (``para
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel``. Its reducer all-reduces gradient
   buckets while the backward still runs (a communication hook sums instead of averaging,
   because each rank already weights its loss by its share of the batch); ``defer_sync``
-  micro-batches run under ``no_sync``.
+  micro-batches run under ``no_sync``. DDP's reducer sums a parameter's whole ``.grad``, so
+  gradients an earlier micro-batch of the step already summed would be summed again: after
+  each synchronised backward they are set aside, and put back before the step.
 * ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every transformer block (the
   model's ``_no_split_modules``) and then on the network: each rank holds 1/N of the
   parameters, gradients and AdamW state as DTensors; gradient reduction is a sum-only
@@ -204,7 +206,11 @@ class TrainerEngine:
         self.accumulated = 0
         self.deferred = False
         """The last ForwardBackward deferred its gradient reduction (``defer_sync``)."""
+        self.reduced: list[torch.Tensor | None] = [None] * len(self.parameters)
+        """DDP: the step's gradients already summed over the ranks, set aside by parameter."""
         self.pushed_version = 0
+        self.rank_bytes: tuple[list[int], list[int]] = ([], [])
+        """Every rank's parameter and optimizer bytes (by rank), measured by the executor."""
 
     def _wrap(self, parallel: str) -> torch.nn.Module:
         if parallel == "ddp":
@@ -353,7 +359,22 @@ class TrainerEngine:
             lora.set_dropout(self.model, False)
         self.accumulated += 1
         self.deferred = defer_sync
+        if self.parallel == "ddp" and not defer_sync:
+            self._set_aside_reduced()
         return self.accumulated
+
+    def _set_aside_reduced(self) -> None:
+        for i, parameter in enumerate(self.parameters):
+            if parameter.grad is not None:
+                kept = self.reduced[i]
+                self.reduced[i] = parameter.grad if kept is None else kept.add_(parameter.grad)
+                parameter.grad = None
+
+    def drop_gradients(self) -> None:
+        """Forgets every accumulated gradient (after a step, a skipped step or a load)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.reduced = [None] * len(self.parameters)
+        self.accumulated, self.deferred = 0, False
 
     def forward_backward(
         self, batch: Batch, loss: str, params: dict, scale: float, temperature: float,
@@ -382,12 +403,15 @@ class TrainerEngine:
         were, and the call fails with FAILED_PRECONDITION stating the norm.
         """
         self.check_step()
+        for parameter, reduced in zip(self.parameters, self.reduced, strict=True):
+            if reduced is not None:  # DDP: no deferred gradients are left (check_step)
+                parameter.grad = reduced
+        self.reduced = [None] * len(self.parameters)
         grads = [p.grad for p in self.parameters if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)  # () tensor (a DTensor under FSDP)
-        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        norm = float(_full_tensor(total))
         if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accumulated = 0
+            self.drop_gradients()
             raise FailedPrecondition(
                 f"gradient norm is {norm}: the step was skipped and the gradients dropped "
                 "(weights unchanged); lower the learning rate or loss_scale, or check the batch"
@@ -397,9 +421,8 @@ class TrainerEngine:
         lr = self.learning_rate
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.drop_gradients()
         self.step += 1
-        self.accumulated = 0
         return norm, lr, self.step
 
     def forward(self, batch: Batch, outputs: set[str], temperature: float) -> dict[str, list]:

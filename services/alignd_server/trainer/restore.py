@@ -389,8 +389,7 @@ def apply(engine: TrainerEngine, restored: Restored) -> int:
     engine.scheduler.load_state_dict(restored.scheduler)
     torch.set_rng_state(restored.rng)
     engine.step = restored.step
-    engine.accumulated = 0
-    engine.optimizer.zero_grad(set_to_none=True)
+    engine.drop_gradients()
     return engine.step
 
 

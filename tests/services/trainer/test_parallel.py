@@ -117,6 +117,15 @@ def _run(trainer: TrainerClient, model, directory) -> dict:
     trainer.forward_backward(TrainBatch(ROWS[2:5], [3, 2, 4]), losses.CrossEntropy(),
                              loss_scale=0.5)  # fmt: skip
     record["norm"].append(trainer.optim_step().grad_norm)
+    # Three micro-batches, none deferred, then one deferred between two that are not: what
+    # an earlier micro-batch already reduced is not reduced again.
+    for rows, prompts, defer in (((0, 2), [2, 1], False), ((2, 4), [3, 2], False),
+                                 ((4, 5), [4], False), ((0, 2), [2, 1], False),
+                                 ((2, 4), [3, 2], True), ((4, 5), [4], False)):  # fmt: skip
+        trainer.forward_backward(TrainBatch(ROWS[slice(*rows)], prompts), losses.CrossEntropy(),
+                                 loss_scale=1 / 3, defer_sync=defer)  # fmt: skip
+        if rows[1] == 5:
+            record["norm"].append(trainer.optim_step().grad_norm)
     record["logprobs"] = trainer.forward(SFT, ["logprobs", "entropy"])
     record["info"] = trainer.info()
     trainer.save_checkpoint(directory / "lm")
@@ -240,7 +249,7 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
     with _trainer(tmp_path, storage_root, model, 2, "fsdp") as service:
         with TrainerClient(service.target) as trainer:
             trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
-            assert trainer.load_checkpoint(whole).step == 4
+            assert trainer.load_checkpoint(whole).step == 6  # the steps _run took before saving
             trainer.save_checkpoint(sharded)
             records = [_resume(trainer, model, whole), _resume(trainer, model, sharded)]
     marker = json.loads((sharded / "alignd_checkpoint.json").read_text())
@@ -267,7 +276,7 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
                                  strict=True):  # fmt: skip
                 np.testing.assert_array_equal(got, want)
     for record in records:
-        assert record["step"] == 4
+        assert record["step"] == 6
         _assert_same(record, after)
 
 
