@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from alignd_server.common.errors import InvalidArgument
 from alignd_server.trainer.checkpoint import (
@@ -142,18 +143,21 @@ class _SafeMetadata(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _reader(state: Path):
-    from torch.distributed.checkpoint import FileSystemReader
+class _Reader(FileSystemReader):
+    """DCP's file reader with a safe index: its pickle through :class:`_SafeMetadata`, and
+    every data file it names a plain file name inside the ``state/`` directory (a planted
+    index cannot make the trainer read outside it)."""
 
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            with open(Path(self.path) / ".metadata", "rb") as file:
-                metadata = _SafeMetadata(file).load()
-            if getattr(metadata, "storage_meta", None) is not None:
-                metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return Reader(str(state))
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / ".metadata", "rb") as file:
+            metadata = _SafeMetadata(file).load()
+        for info in (getattr(metadata, "storage_data", None) or {}).values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise pickle.UnpicklingError(f"data file {name!r} is not inside the checkpoint")
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _read_sharded(engine: TrainerEngine, directory: Path, load_optimizer: bool) -> Restored:
@@ -161,7 +165,7 @@ def _read_sharded(engine: TrainerEngine, directory: Path, load_optimizer: bool) 
     from torch.distributed import checkpoint as dcp
 
     state = directory / SHARDED
-    reader = _reader(state)
+    reader = _Reader(str(state))
     try:
         metadata = reader.read_metadata()
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as err:

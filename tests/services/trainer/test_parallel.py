@@ -79,6 +79,13 @@ def test_a_group_of_one_rank_sums_and_gathers_what_it_holds(device, monkeypatch)
         group.close()
 
 
+def test_fsdp_needs_more_than_one_rank():
+    with pytest.raises(ValueError, match="parallel: fsdp shards over several ranks"):
+        TrainerSettings(parallel="fsdp")
+    assert TrainerSettings(parallel="fsdp", nproc=2).parallel == "fsdp"
+    assert TrainerSettings(parallel="fsdp", nnodes=2).parallel == "fsdp"
+
+
 def _steps(trainer: TrainerClient, steps, record: dict) -> None:
     for batch, loss in steps:
         result = trainer.forward_backward(batch, loss)
@@ -242,7 +249,8 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
 ):
     """1 → 2: FSDP loads the one-rank (whole) checkpoint and writes a sharded one; 2 → 2 and
     2 → 1 load that; each continues with exactly the step the one-rank run took. A damaged
-    shard or a planted index is refused and leaves the trainer as it was."""
+    shard, a planted index or one naming files outside the checkpoint is refused and leaves
+    the trainer as it was."""
     model, whole = str(tiny_models.causal_lm), one_rank["directory"] / "lm"
     after = one_rank["record"]["after"]
     sharded = tmp_path / "sharded"
@@ -272,6 +280,15 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
             )
             with pytest.raises(InvalidArgumentError, match="not part of a DCP index"):
                 trainer.load_checkpoint(planted)
+            escaping = tmp_path / "escaping"  # a real index whose data files lead outside
+            shutil.copytree(sharded, escaping)
+            index = escaping / "state" / ".metadata"
+            metadata = pickle.loads(index.read_bytes())
+            for info in metadata.storage_data.values():
+                info.relative_path = "../../outside.distcp"
+            index.write_bytes(pickle.dumps(metadata))
+            with pytest.raises(InvalidArgumentError, match="is not inside the checkpoint"):
+                trainer.load_checkpoint(escaping)
             for got, want in zip(trainer.forward(SFT, ["logprobs"])["logprobs"], before,
                                  strict=True):  # fmt: skip
                 np.testing.assert_array_equal(got, want)
