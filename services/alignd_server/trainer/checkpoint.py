@@ -100,10 +100,11 @@ def write(engine: TrainerEngine, temporary: Path, include_optimizer: bool, write
     ``writer`` (rank 0) writes the gathered model files, every rank its training-state shards.
     """
     sharded = engine.sharded
-    weights = engine.full_weights(keep=writer)
+    merged = sharded or engine.spec.lora is not None  # else the model saves itself as it is
+    weights = engine.full_weights(keep=writer) if merged else {}
     value_head = engine.full_value_head(keep=writer)
     if writer:
-        if sharded or engine.spec.lora is not None:
+        if merged:
             state = {k: v.contiguous() for k, v in weights.items()}
             if sharded:  # buffers are not sharded: the persistent ones, as they are
                 for prefix, module in engine.model.named_modules():
