@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -319,3 +320,44 @@ def test_fsdp_pushes_the_gathered_weights(serve, one_rank, tiny_models, tmp_path
             own = trainer.forward(TrainBatch([sequence], [2]), ["logprobs"])["logprobs"][0]
     assert completion.weights_version == 3
     np.testing.assert_allclose(completion.logprobs, own, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_sharded_save_leaves_a_loadable_checkpoint(
+    one_rank, tiny_models, tmp_path, storage_root
+):
+    """Every rank of an FSDP trainer is killed (SIGKILL) while it rewrites a sharded
+    checkpoint: what is at the path afterwards is a whole checkpoint (the previous one, or
+    the new one if the rename came first), and it resumes exactly."""
+    import concurrent.futures
+    import contextlib
+
+    import psutil  # comes with accelerate (the serve extra)
+
+    from alignd.errors import AligndError
+
+    model, target = str(tiny_models.causal_lm), tmp_path / "ckpt"
+    with _trainer(tmp_path, storage_root, model, 2, "fsdp") as service:
+        with TrainerClient(service.target) as trainer:
+            trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
+            trainer.load_checkpoint(one_rank["directory"] / "lm")
+            trainer.save_checkpoint(target)  # step 6
+            _steps(trainer, ((SFT, losses.CrossEntropy()),), {})  # step 7
+            processes = [psutil.Process(service.process.pid)]
+            processes += processes[0].children(recursive=True)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                saving = pool.submit(trainer.save_checkpoint, target)
+                for _ in range(3000):  # until the save is under way (or already done)
+                    if saving.done() or any(tmp_path.glob(".ckpt.partial-*")):
+                        break
+                    time.sleep(0.01)
+                for process in reversed(processes):  # the ranks first, then torchrun
+                    process.kill()
+                with contextlib.suppress(AligndError):  # killed before it answered
+                    saving.result(timeout=60)
+    with _trainer(tmp_path, storage_root, model, 1) as service:
+        with TrainerClient(service.target) as trainer:
+            record = _resume(trainer, model, target)
+    assert record["step"] in (6, 7)
+    if record["step"] == 6:
+        _assert_same(record, one_rank["record"]["after"])
