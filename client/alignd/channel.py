@@ -37,6 +37,7 @@ NOT_RETRIED = (
     ("alignd.v1.TrainerService", "PushWeights"),
     ("alignd.v1.GenerationService", "UpdateWeights"),
     ("alignd.v1.GenerationService", "LoadWeights"),
+    ("alignd.v1.GenerationService", "ReceiveWeights"),
 )
 
 

@@ -200,6 +200,13 @@ class GenerationClient(TokenizingClient):
         request = generation_pb2.LoadWeightsRequest(path=path, version=version, partial=partial)
         return self._call("LoadWeights", request, timeout=timeout)
 
+    def receive_weights(
+        self, request: generation_pb2.ReceiveWeightsRequest, *, timeout: float | None = None
+    ) -> generation_pb2.UpdateWeightsResponse:
+        """Has the server receive weights over a torch.distributed group (the collective
+        transport; the trainer's PushWeights with ``rendezvous`` drives it)."""
+        return self._call("ReceiveWeights", request, timeout=timeout)
+
 
 class AsyncGenerationClient(AsyncTokenizingClient):
     """asyncio client of the generation service (see :class:`GenerationClient`)."""
@@ -285,3 +292,9 @@ class AsyncGenerationClient(AsyncTokenizingClient):
         """See :meth:`GenerationClient.load_weights`."""
         request = generation_pb2.LoadWeightsRequest(path=path, version=version, partial=partial)
         return await self._call("LoadWeights", request, timeout=timeout)
+
+    async def receive_weights(
+        self, request: generation_pb2.ReceiveWeightsRequest, *, timeout: float | None = None
+    ) -> generation_pb2.UpdateWeightsResponse:
+        """See :meth:`GenerationClient.receive_weights`."""
+        return await self._call("ReceiveWeights", request, timeout=timeout)

@@ -139,12 +139,15 @@ def forward_result(
 
 
 def push_request(
-    targets: Sequence[str], version: int, timeout_seconds: float, shared_path: str
-) -> trainer_pb2.PushWeightsRequest:
-    """A PushWeightsRequest to ``targets``."""
+    targets: Sequence[str], version: int, timeout_seconds: float, shared_path: str,
+    rendezvous: str = "", bucket_bytes: int = 0,
+) -> trainer_pb2.PushWeightsRequest:  # fmt: skip
+    """A PushWeightsRequest to ``targets`` (``shared_path`` or ``rendezvous`` pick the
+    transport; neither = the gRPC stream)."""
     return trainer_pb2.PushWeightsRequest(
         targets=[trainer_pb2.PushTarget(address=t) for t in targets], version=version,
-        timeout_seconds=timeout_seconds, shared_path=shared_path,
+        timeout_seconds=timeout_seconds, shared_path=shared_path, rendezvous=rendezvous,
+        bucket_bytes=bucket_bytes,
     )  # fmt: skip
 
 
@@ -230,10 +233,13 @@ class TrainerClient(_Primitives, TokenizingClient):
 
     def push_weights(
         self, targets: Sequence[str], version: int, *, timeout_seconds: float = 300.0,
-        shared_path: str = "", timeout: float | None = None,
+        shared_path: str = "", rendezvous: str = "", bucket_bytes: int = 0,
+        timeout: float | None = None,
     ) -> list[trainer_pb2.PushResult]:  # fmt: skip
         """Pushes the policy to generation services; one result per target."""
-        request = push_request(targets, version, timeout_seconds, shared_path)
+        request = push_request(
+            targets, version, timeout_seconds, shared_path, rendezvous, bucket_bytes
+        )
         response = self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60)
         return list(response.results)
 
@@ -257,9 +263,12 @@ class AsyncTrainerClient(_Primitives, AsyncTokenizingClient):
 
     async def push_weights(
         self, targets: Sequence[str], version: int, *, timeout_seconds: float = 300.0,
-        shared_path: str = "", timeout: float | None = None,
+        shared_path: str = "", rendezvous: str = "", bucket_bytes: int = 0,
+        timeout: float | None = None,
     ) -> list[trainer_pb2.PushResult]:  # fmt: skip
         """Pushes the policy to generation services; one result per target."""
-        request = push_request(targets, version, timeout_seconds, shared_path)
+        request = push_request(
+            targets, version, timeout_seconds, shared_path, rendezvous, bucket_bytes
+        )
         response = await self._call("PushWeights", request, timeout=timeout or timeout_seconds + 60)
         return list(response.results)

@@ -179,6 +179,20 @@ class LoadWeightsRequest(_message.Message):
     partial: bool
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
 
+class ReceiveWeightsRequest(_message.Message):
+    __slots__ = ("header", "rendezvous", "group", "bucket_bytes", "timeout_seconds")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    rendezvous: str
+    group: str
+    bucket_bytes: int
+    timeout_seconds: float
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., rendezvous: _Optional[str] = ..., group: _Optional[str] = ..., bucket_bytes: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
 class GenerationInfo(_message.Message):
     __slots__ = ("server", "engine", "weights_version")
     SERVER_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,11 @@ class GenerationServiceStub:
                 request_serializer=alignd_dot_v1_dot_generation__pb2.LoadWeightsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.ReceiveWeights = channel.unary_unary(
+                '/alignd.v1.GenerationService/ReceiveWeights',
+                request_serializer=alignd_dot_v1_dot_generation__pb2.ReceiveWeightsRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/alignd.v1.GenerationService/Tokenize',
                 request_serializer=alignd_dot_v1_dot_common__pb2.TokenizeRequest.SerializeToString,
@@ -107,6 +112,18 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveWeights(self, request, context):
+        """Replaces (some of) the policy weights with tensors sent over a torch.distributed group of
+        two made for this push (the collective transport): the server joins the group named
+        `group` in the trainer's store at `rendezvous` as rank 1, receives the header's tensors
+        from rank 0 as one byte stream in buckets, checks them and swaps them in as UpdateWeights
+        does (atomic, versioned; the old weights serve on after any failure). This call is the
+        control plane; every wait in the group is bounded by `timeout_seconds`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """The shared tokenizer (chat template, prompt/completion split, loss mask).
         """
@@ -142,6 +159,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
             'LoadWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadWeights,
                     request_deserializer=alignd_dot_v1_dot_generation__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'ReceiveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWeights,
+                    request_deserializer=alignd_dot_v1_dot_generation__pb2.ReceiveWeightsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
@@ -263,6 +285,33 @@ class GenerationService:
             target,
             '/alignd.v1.GenerationService/LoadWeights',
             alignd_dot_v1_dot_generation__pb2.LoadWeightsRequest.SerializeToString,
+            alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.GenerationService/ReceiveWeights',
+            alignd_dot_v1_dot_generation__pb2.ReceiveWeightsRequest.SerializeToString,
             alignd_dot_v1_dot_generation__pb2.UpdateWeightsResponse.FromString,
             options,
             channel_credentials,

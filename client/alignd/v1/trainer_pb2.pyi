@@ -338,16 +338,20 @@ class PushTarget(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class PushWeightsRequest(_message.Message):
-    __slots__ = ("targets", "version", "timeout_seconds", "shared_path")
+    __slots__ = ("targets", "version", "timeout_seconds", "shared_path", "rendezvous", "bucket_bytes")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[PushTarget]
     version: int
     timeout_seconds: float
     shared_path: str
-    def __init__(self, targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., shared_path: _Optional[str] = ...) -> None: ...
+    rendezvous: str
+    bucket_bytes: int
+    def __init__(self, targets: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., shared_path: _Optional[str] = ..., rendezvous: _Optional[str] = ..., bucket_bytes: _Optional[int] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("address", "ok", "error", "seconds", "bytes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -19,6 +20,7 @@ from grpc import aio
 from alignd.clients.generation import ACCEPTED_KEY
 from alignd.tensors import from_numpy
 from alignd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from alignd_server.common import collective
 from alignd_server.common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from alignd_server.common.holder import ModelHolder, in_daemon_thread
 from alignd_server.common.info import server_info
@@ -27,7 +29,7 @@ from alignd_server.common.models import load_causal_lm
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.tokenization import tokenize
 from alignd_server.common.tokenize_rpc import prompt_from_proto, serve_tokenize
-from alignd_server.common.validation import check_version
+from alignd_server.common.validation import check_version, in_range
 from alignd_server.generation.config import GenerationSettings
 from alignd_server.generation.engine import EngineLoad, GenerationEngine, Output, SwapGate
 from alignd_server.generation.hf_engine import HFEngine
@@ -41,6 +43,7 @@ from alignd_server.generation.weights import (
     paced,
     read_directory,
 )
+from alignd_server.trainer.targets import split_address
 
 _IDLE = EngineLoad(0, 0, 0, 0)
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -339,6 +342,51 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         await asyncio.to_thread(check_finite, tensors, assembler.field)
         return tensors
+
+    async def ReceiveWeights(
+        self, request: generation_pb2.ReceiveWeightsRequest, context
+    ) -> generation_pb2.UpdateWeightsResponse:
+        engine = self._engine()
+        try:
+            host, port = split_address(request.rendezvous)
+        except ValueError as err:
+            raise InvalidArgument("rendezvous", str(err)) from None
+        if not re.fullmatch(r"[0-9a-f]{32}", request.group):
+            raise InvalidArgument("group", "must be 32 lowercase hex digits")
+        bucket = request.bucket_bytes or collective.DEFAULT_BUCKET_BYTES
+        in_range(bucket, "bucket_bytes", collective.MIN_BUCKET_BYTES, collective.MAX_BUCKET_BYTES)
+        timeout = collective.DEFAULT_TIMEOUT_S
+        if request.timeout_seconds:
+            timeout = in_range(request.timeout_seconds, "timeout_seconds", 0,
+                               collective.MAX_TIMEOUT_S, open_low=True)  # fmt: skip
+        if self._updating.locked():
+            raise Aborted("another weight update is in progress; retry after it finishes")
+        async with self._updating:
+            start = time.perf_counter()
+            assembler = StreamAssembler(named_parameters(engine.model), engine.version)
+            assembler.add(0, generation_pb2.UpdateWeightsRequest(header=request.header))
+
+            def fill(buffers: list) -> int:
+                try:
+                    store = collective.connect(host, port, timeout)
+                    collective.accept(store, request.group)  # the header passed: send
+                    group = collective.join(store, request.group, 1, timeout)
+                    return collective.receive(group, buffers, int(bucket), timeout)
+                except (RuntimeError, OSError) as err:  # torch's store and gloo errors
+                    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    raise Unavailable(
+                        f"rendezvous {request.rendezvous}: the collective transfer failed: "
+                        f"{detail}; the serving weights are unchanged"
+                    ) from None
+
+            tensors = await asyncio.to_thread(assembler.take_all, fill)
+            await asyncio.to_thread(check_finite, tensors, assembler.field)
+            async with self.gate.exclusive():
+                await engine.swap(tensors, assembler.header.version)
+            return self._updated(
+                assembler.header.version, len(tensors), assembler.total, start,
+                assembler.header.partial,
+            )  # fmt: skip
 
     async def LoadWeights(
         self, request: generation_pb2.LoadWeightsRequest, context

@@ -168,6 +168,18 @@ class StreamAssembler:
             check_complete(set(self.specs), self.params, "header.tensors")
         self.header = header
 
+    def take_all(self, fill: Callable[[list[torch.Tensor]], int]) -> dict[str, torch.Tensor]:
+        """The collective transport: ``fill`` writes every declared tensor's bytes at once
+        into the buffers (flat uint8 tensors, in header order) and returns the bytes written;
+        then the update is committed as a stream's commit would be."""
+        buffers = [torch.frombuffer(self.buffers[s.name], dtype=torch.uint8)
+                   if self.buffers[s.name] else torch.empty(0, dtype=torch.uint8)
+                   for s in self.header.tensors]  # fmt: skip
+        self.total = fill(buffers)
+        for name, buffer in self.buffers.items():
+            self.received[name] = len(buffer)
+        return self._commit(generation_pb2.WeightsCommit(total_bytes=self.total))
+
     def _chunk(self, index: int, chunk: generation_pb2.TensorChunk) -> None:
         field = f"messages[{index}].chunk"
         if chunk.name not in self.buffers:

@@ -10,6 +10,7 @@ import numpy as np
 from alignd.models import BUNDLED, resolve_model
 from alignd.tensors import TensorError, to_numpy, to_ragged
 from alignd.v1 import trainer_pb2
+from alignd_server.common import collective
 from alignd_server.common.errors import InvalidArgument
 from alignd_server.common.storage import StorageRoots
 from alignd_server.common.validation import (
@@ -26,6 +27,7 @@ from alignd_server.trainer.engine import Batch, InitSpec
 from alignd_server.trainer.lora import LoraSpec
 from alignd_server.trainer.losses import BY_FIELD
 from alignd_server.trainer.losses.spec import Param
+from alignd_server.trainer.targets import split_address
 
 KINDS = {
     trainer_pb2.MODEL_KIND_CAUSAL_LM: "causal_lm",
@@ -110,11 +112,16 @@ class PushSpec:
     version: int
     timeout: float
     shared: Path | None
+    rendezvous: tuple[str, int] | None = None
+    """The collective transport: the address the trainer listens on for the rendezvous."""
+    bucket_bytes: int = collective.DEFAULT_BUCKET_BYTES
 
 
 def push_spec(request: trainer_pb2.PushWeightsRequest, roots: StorageRoots) -> PushSpec:
     """Validates a PushWeightsRequest: 1 .. 64 targets, a version in [1, MAX_VERSION], a
-    timeout in (0, 86400] s, a shared path inside the storage roots."""
+    timeout in (0, 86400] s (at most 3600 s with the collective transport, whose waits the
+    timeout bounds), a shared path inside the storage roots or a rendezvous address and
+    bucket size (not both)."""
     if not 1 <= len(request.targets) <= MAX_TARGETS:
         raise InvalidArgument(
             "targets", f"{len(request.targets)} targets, must be 1 .. {MAX_TARGETS}"
@@ -129,7 +136,25 @@ def push_spec(request: trainer_pb2.PushWeightsRequest, roots: StorageRoots) -> P
     shared = None
     if request.shared_path:
         shared = roots.resolve(request.shared_path, "shared_path", write=True)
-    return PushSpec([t.address for t in request.targets], request.version, timeout, shared)
+    rendezvous, bucket = None, collective.DEFAULT_BUCKET_BYTES
+    if request.rendezvous:
+        if shared is not None:
+            raise InvalidArgument("rendezvous", "choose one transport: not with shared_path")
+        try:
+            rendezvous = split_address(request.rendezvous, free_port=True)
+        except ValueError as err:
+            raise InvalidArgument("rendezvous", str(err)) from None
+        if request.timeout_seconds:
+            in_range(request.timeout_seconds, "timeout_seconds", 0, collective.MAX_TIMEOUT_S,
+                     open_low=True)  # fmt: skip
+    if request.bucket_bytes:
+        if rendezvous is None:
+            raise InvalidArgument("bucket_bytes", "applies to the collective transport only "
+                                  "(set rendezvous)")  # fmt: skip
+        bucket = int(in_range(request.bucket_bytes, "bucket_bytes", collective.MIN_BUCKET_BYTES,
+                              collective.MAX_BUCKET_BYTES))  # fmt: skip
+    return PushSpec([t.address for t in request.targets], request.version, timeout, shared,
+                    rendezvous, bucket)  # fmt: skip
 
 
 def _lora(message: trainer_pb2.LoraConfig) -> LoraSpec:

@@ -2,14 +2,18 @@
 
 Over the network the weights travel as the UpdateWeights stream (4 MiB chunks); with
 ``shared_path`` they are written once as safetensors on a volume the targets mount, and each
-target loads them with LoadWeights. Each target has its own deadline and its own result: one
-slow or dead replica does not fail the others. A value head, if any, is not pushed (generation
-holds only the policy).
+target loads them with LoadWeights; with ``rendezvous`` (the collective transport,
+:mod:`alignd_server.common.collective`) the trainer hosts a store there and sends each target
+the weights over a torch.distributed group of two, while the target's ReceiveWeights call
+carries the header, version and outcome. Each target has its own deadline and its own
+result: one slow or dead replica does not fail the others. A value head, if any, is not
+pushed (generation holds only the policy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +23,8 @@ from safetensors.numpy import save_file
 
 from alignd import AsyncGenerationClient, TLSConfig
 from alignd.errors import AligndError
-from alignd.v1 import trainer_pb2
+from alignd.v1 import common_pb2, generation_pb2, trainer_pb2
+from alignd_server.common import collective
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.trainer.config import TrainerSettings
 
@@ -62,6 +67,75 @@ async def _push_one(
             address=address, ok=False, error=f"{err.code.name}: {err.details}",
             seconds=time.perf_counter() - start,
         )  # fmt: skip
+
+
+async def _push_collective(
+    address: str, weights, version: int, timeout: float, rendezvous, bucket: int, settings
+) -> trainer_pb2.PushResult:
+    start, deadline = time.perf_counter(), time.monotonic() + timeout
+    name, called = collective.new_group_name(), threading.Event()
+    header = generation_pb2.WeightsHeader(version=version, tensors=[
+        generation_pb2.TensorSpec(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=w.shape)
+        for n, w in weights.items()])  # fmt: skip
+    request = generation_pb2.ReceiveWeightsRequest(
+        header=header, rendezvous=rendezvous.address, group=name, bucket_bytes=bucket,
+        timeout_seconds=timeout,
+    )  # fmt: skip
+
+    def send() -> int:
+        collective.wait_accepted(rendezvous.store, name, called.is_set, deadline)
+        remaining = max(deadline - time.monotonic(), 1e-3)
+        group = collective.join(rendezvous.store, name, 0, remaining)
+        tensors = [torch.from_numpy(w) for w in weights.values()]
+        return collective.send(group, tensors, bucket, remaining)
+
+    sending = asyncio.ensure_future(asyncio.to_thread(send))
+    try:
+        async with _client(address, settings) as client:
+            try:
+                await client.receive_weights(request, timeout=timeout)
+            finally:
+                called.set()
+        size = await sending
+        return trainer_pb2.PushResult(
+            address=address, ok=True, seconds=time.perf_counter() - start, bytes=size
+        )
+    except AligndError as err:
+        # The sending thread ends by itself: its peer is gone, or its waits time out.
+        sending.add_done_callback(lambda done: done.exception())
+        return trainer_pb2.PushResult(
+            address=address, ok=False, error=f"{err.code.name}: {err.details}",
+            seconds=time.perf_counter() - start,
+        )  # fmt: skip
+    except (RuntimeError, OSError, TimeoutError) as err:  # the trainer's side of the group
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return trainer_pb2.PushResult(
+            address=address, ok=False, error=f"UNAVAILABLE: the collective transfer failed: "
+            f"{detail}", seconds=time.perf_counter() - start,
+        )  # fmt: skip
+
+
+async def push_collective(
+    weights: dict[str, np.ndarray], addresses: list[str], version: int, timeout: float,
+    listen: tuple[str, int], bucket: int, settings: TrainerSettings,
+) -> list[trainer_pb2.PushResult]:  # fmt: skip
+    """Pushes ``weights`` to every address over the collective transport, the trainer's store
+    listening on ``listen``; one result per address, in order.
+
+    Raises:
+        FailedPrecondition: the trainer cannot listen on ``listen``.
+    """
+    try:
+        rendezvous = collective.Rendezvous(*listen, timeout)
+    except (OSError, RuntimeError) as err:
+        raise FailedPrecondition(f"rendezvous: cannot listen on {listen[0]}:{listen[1]}: "
+                                 f"{err}") from None  # fmt: skip
+    try:
+        return list(await asyncio.gather(*(
+            _push_collective(a, weights, version, timeout, rendezvous, bucket, settings)
+            for a in addresses)))  # fmt: skip
+    finally:
+        rendezvous.close()
 
 
 async def push(

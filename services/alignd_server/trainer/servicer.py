@@ -167,9 +167,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         await self.push_targets.check(spec.addresses)  # last: it may resolve names
         with self.metrics.push_seconds.time():
             weights = await self._run(self.executor.policy_weights, engine)
-            results = await push.push(
-                weights, spec.addresses, spec.version, spec.timeout, spec.shared, self.settings
-            )
+            if spec.rendezvous is not None:
+                results = await push.push_collective(
+                    weights, spec.addresses, spec.version, spec.timeout, spec.rendezvous,
+                    spec.bucket_bytes, self.settings,
+                )  # fmt: skip
+            else:
+                results = await push.push(
+                    weights, spec.addresses, spec.version, spec.timeout, spec.shared,
+                    self.settings,
+                )  # fmt: skip
         self.metrics.push_bytes.inc(sum(r.bytes for r in results))
         if any(r.ok for r in results):
             engine.pushed_version = spec.version

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_S = 10.0
 
 
-def split_address(address: str) -> tuple[str, int]:
+def split_address(address: str, *, free_port: bool = False) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host in lower case, port).
 
     Raises:
-        ValueError: no port, a port outside 1..65535, an empty host, or a target with a
-            scheme (``dns:///``, ``unix:``), which pushes do not take.
+        ValueError: no port, a port outside 1..65535 (0..65535 with ``free_port``: an address
+            to listen on), an empty host, or a target with a scheme (``dns:///``, ``unix:``),
+            which pushes do not take.
     """
     if "/" in address or any(c.isspace() for c in address):
         raise ValueError(f"{address!r} must be HOST:PORT (no scheme, path or spaces)")
@@ -36,8 +37,9 @@ def split_address(address: str) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"{address!r}: write an IPv6 address as [ADDRESS]:PORT")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{address!r} must be HOST:PORT with a port in 1..65535")
+    lowest = 0 if free_port else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f"{address!r} must be HOST:PORT with a port in {lowest}..65535")
     return host.lower(), int(port)
 
 

@@ -100,6 +100,33 @@ def test_versions_are_bounded_so_an_update_can_always_follow(server):
         assert client.info().weights_version == 2**32
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rendezvous": "nohost"}, r"rendezvous: 'nohost' must be HOST:PORT"),
+        ({"group": "../x"}, "group: must be 32 lowercase hex digits"),
+        ({"bucket_bytes": 1 << 40}, r"bucket_bytes: must be in \[1024, "),
+        ({"timeout_seconds": -1.0}, r"timeout_seconds: must be in \(0, 3600\]"),
+        ({"header": generation_pb2.WeightsHeader(version=0)}, "header.version"),
+    ],
+)
+def test_receive_weights_checks_the_request_before_it_connects(server, fields, message):
+    request = generation_pb2.ReceiveWeightsRequest(
+        header=generation_pb2.WeightsHeader(version=5, tensors=[generation_pb2.TensorSpec(
+            name=NORM, dtype=common_pb2.DTYPE_FLOAT32, shape=[64])], partial=True),
+        rendezvous="127.0.0.1:1", group="0" * 32,
+    )  # fmt: skip
+    for key, value in fields.items():
+        if key == "header":
+            request.header.CopyFrom(value)
+        else:
+            setattr(request, key, value)
+    with GenerationClient(server.target) as client:
+        with pytest.raises(InvalidArgumentError, match=message):
+            client.receive_weights(request)
+        assert client.info().weights_version == 0
+
+
 def test_a_tiny_temperature_is_refused(server):
     with GenerationClient(server.target) as client:
         for temperature in (1e-30, 0.009, float("nan"), 101.0):

@@ -178,6 +178,15 @@ def test_shared_path_under_a_regular_file_is_an_invalid_argument(
         ({"timeout_seconds": 1e308}, r"timeout_seconds: must be in \(0, 86400\]"),
         ({"version": 2**63 - 1}, r"version: 9223372036854775807 is outside \[1, "),
         ({"version": -1}, r"version: -1 is outside \[1, "),
+        ({"rendezvous": "nohost"}, r"rendezvous: 'nohost' must be HOST:PORT"),
+        ({"rendezvous": "127.0.0.1:70000"}, r"rendezvous: .* port in 0..65535"),
+        ({"rendezvous": "127.0.0.1:0", "shared_path": "w"}, "rendezvous: choose one transport"),
+        ({"bucket_bytes": 4096}, "bucket_bytes: applies to the collective transport only"),
+        ({"rendezvous": "127.0.0.1:0", "bucket_bytes": 10}, r"bucket_bytes: must be in \[1024"),
+        (
+            {"rendezvous": "127.0.0.1:0", "timeout_seconds": 7200},
+            r"timeout_seconds: must be in \(0, 3600\]",
+        ),
     ],
 )
 def test_push_weights_bounds_its_deadline_and_version(trainer, fields, message):

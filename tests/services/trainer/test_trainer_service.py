@@ -460,3 +460,42 @@ def test_bfloat16_trains_in_mixed_precision_on_float32_master_weights(serve, tin
     assert {t.dtype for t in weights.values()} == {torch.float32}
     state = load_file(str(tmp_path / "bf16" / "trainer_state.safetensors"))
     assert {t.dtype for k, t in state.items() if "exp_avg" in k} == {torch.float32}
+
+
+def test_the_collective_transport_gives_replicas_what_the_stream_gives(serve, tiny_models):
+    """PushWeights with a rendezvous: two replicas receive the trained weights over
+    torch.distributed groups (small buckets: tensors span buckets), serving exactly what a
+    replica pushed over the stream serves; a dead target fails alone, and a refused header
+    (a stale version) fails that target at once, the old weights serving on."""
+    from alignd import GenerationClient, SamplingParams
+    from alignd.local import free_port
+
+    replicas = [serve("generation") for _ in range(3)]
+    dead = f"127.0.0.1:{free_port()}"
+    with TrainerClient(serve("trainer", push_targets=[*(r.target for r in replicas),
+                                                      dead]).target) as trainer:  # fmt: skip
+        initialize(trainer, tiny_models.causal_lm)
+        train_steps(trainer, 2)
+        (streamed,) = trainer.push_weights([replicas[0].target], version=1)
+        assert streamed.ok, streamed.error
+        results = trainer.push_weights(
+            [replicas[1].target, replicas[2].target, dead], version=1, timeout_seconds=60,
+            rendezvous="127.0.0.1:0", bucket_bytes=4096,
+        )  # fmt: skip
+        assert [r.ok for r in results] == [True, True, False], [r.error for r in results]
+        assert results[2].error.startswith("UNAVAILABLE")
+        assert results[0].bytes == results[1].bytes == streamed.bytes > 4096
+        (stale,) = trainer.push_weights([replicas[1].target], version=1, timeout_seconds=60,
+                                        rendezvous="127.0.0.1:0")  # fmt: skip
+        assert not stale.ok and stale.error.startswith("INVALID_ARGUMENT"), stale.error
+        assert "header.version" in stale.error and stale.seconds < 30
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    served = []
+    for replica in replicas:
+        with GenerationClient(replica.target) as client:
+            assert client.info().weights_version == 1
+            (completion,) = client.generate([ROWS[0][:2]], greedy)[0]
+            served.append((completion.token_ids, completion.logprobs))
+    for token_ids, logprobs in served[1:]:  # bit for bit
+        np.testing.assert_array_equal(token_ids, served[0][0])
+        np.testing.assert_array_equal(logprobs, served[0][1])
