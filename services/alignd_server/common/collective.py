@@ -10,8 +10,9 @@ fails cannot stall the others. PyTorch does the work — ``TCPStore``/``PrefixSt
 rendezvous, ``ProcessGroupGloo`` (CPU tensors; ``ProcessGroupNCCL`` would carry CUDA tensors
 the same way) for the transfer — with every wait bounded by the push's timeout.
 
-The bytes are the tensors' raw little-endian bytes in the order of the header, one stream cut
-into buckets of ``bucket_bytes``: a tensor may span buckets, and a bucket tensors.
+The bytes are the tensors' raw little-endian bytes in the order of the header (:func:`plan`):
+a large tensor goes from the sender's memory straight into the receiver's, in slices of at
+most ``bucket_bytes``; small tensors are copied together into buckets of at most that size.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -97,31 +98,60 @@ def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, timeout: float) -
     group.broadcast([tensor], options).wait(timedelta(seconds=timeout))
 
 
-def buckets(total: int, bucket_bytes: int) -> Iterator[tuple[int, int]]:
-    """The [start, end) byte ranges of the stream's buckets."""
-    for start in range(0, total, bucket_bytes):
-        yield start, min(start + bucket_bytes, total)
+COALESCE_BYTES = 1 << 20
+"""Tensors smaller than this travel together in a copied bucket; larger ones are sent from
+(and received into) their own memory, in slices of at most ``bucket_bytes``."""
+
+
+def plan(sizes: Sequence[int], bucket_bytes: int) -> list[list[tuple[int, int, int]]]:
+    """The transfers of the stream: each a list of (tensor, start, end) byte ranges sent as
+    one broadcast. Both sides derive the same plan from the header's sizes."""
+    transfers, pending, pending_bytes = [], [], 0
+    for index, size in enumerate(sizes):
+        if size >= COALESCE_BYTES:
+            for begin in range(0, size, bucket_bytes):
+                transfers.append([(index, begin, min(begin + bucket_bytes, size))])
+            continue
+        if pending and pending_bytes + size > bucket_bytes:
+            transfers.append(pending)
+            pending, pending_bytes = [], 0
+        if size:
+            pending.append((index, 0, size))
+            pending_bytes += size
+    if pending:
+        transfers.append(pending)
+    return transfers
+
+
+def _run(group, flats: Sequence[torch.Tensor], bucket_bytes: int, timeout: float, root: bool):
+    bucket = None
+    for transfer in plan([f.numel() for f in flats], bucket_bytes):
+        if len(transfer) == 1:  # one tensor's memory: no copy
+            index, begin, end = transfer[0]
+            _broadcast(group, flats[index][begin:end], timeout)
+            continue
+        total = sum(end - begin for _, begin, end in transfer)
+        if bucket is None or bucket.numel() < total:
+            bucket = torch.empty(total, dtype=torch.uint8)
+        offset = 0
+        if root:
+            for index, begin, end in transfer:
+                bucket[offset : offset + end - begin].copy_(flats[index][begin:end])
+                offset += end - begin
+        _broadcast(group, bucket[:total], timeout)
+        if not root:
+            for index, begin, end in transfer:
+                flats[index][begin:end].copy_(bucket[offset : offset + end - begin])
+                offset += end - begin
+    return sum(f.numel() for f in flats)
 
 
 def send(
     group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], bucket_bytes: int, timeout: float
 ) -> int:
-    """Rank 0: sends ``tensors``' bytes in order, bucket by bucket; returns the bytes sent."""
+    """Rank 0: sends ``tensors``' bytes in order (:func:`plan`); returns the bytes sent."""
     flats = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    total = sum(f.numel() for f in flats)
-    bucket = torch.empty(min(bucket_bytes, max(total, 1)), dtype=torch.uint8)
-    pieces = iter(flats)
-    current, used = next(pieces, None), 0  # the tensor being copied, and how much of it
-    for start, end in buckets(total, bucket_bytes):
-        filled = 0
-        while filled < end - start:
-            take = min(current.numel() - used, end - start - filled)
-            bucket[filled : filled + take].copy_(current[used : used + take])
-            filled, used = filled + take, used + take
-            if used == current.numel():
-                current, used = next(pieces, None), 0
-        _broadcast(group, bucket[: end - start], timeout)
-    return total
+    return _run(group, flats, bucket_bytes, timeout, root=True)
 
 
 def receive(
@@ -129,17 +159,4 @@ def receive(
 ) -> int:
     """Rank 1: fills ``buffers`` (flat uint8 tensors, in the sender's order) from the stream;
     returns the bytes received."""
-    total = sum(b.numel() for b in buffers)
-    bucket = torch.empty(min(bucket_bytes, max(total, 1)), dtype=torch.uint8)
-    pieces = iter(buffers)
-    current, used = next(pieces, None), 0
-    for start, end in buckets(total, bucket_bytes):
-        _broadcast(group, bucket[: end - start], timeout)
-        taken = 0
-        while taken < end - start:
-            take = min(current.numel() - used, end - start - taken)
-            current[used : used + take].copy_(bucket[taken : taken + take])
-            taken, used = taken + take, used + take
-            if used == current.numel():
-                current, used = next(pieces, None), 0
-    return total
+    return _run(group, list(buffers), bucket_bytes, timeout, root=False)

@@ -13,6 +13,7 @@ pushed (generation holds only the policy).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from alignd.v1 import common_pb2, generation_pb2, trainer_pb2
 from alignd_server.common import collective
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
 from alignd_server.trainer.config import TrainerSettings
+
+log = logging.getLogger(__name__)
 
 
 def policy_weights(engine) -> dict[str, np.ndarray]:
@@ -85,9 +88,16 @@ async def _push_collective(
     def send() -> int:
         collective.wait_accepted(rendezvous.store, name, called.is_set, deadline)
         remaining = max(deadline - time.monotonic(), 1e-3)
+        joining = time.perf_counter()
         group = collective.join(rendezvous.store, name, 0, remaining)
         tensors = [torch.from_numpy(w) for w in weights.values()]
-        return collective.send(group, tensors, bucket, remaining)
+        sending = time.perf_counter()
+        size = collective.send(group, tensors, bucket, remaining)
+        seconds = time.perf_counter() - sending
+        log.info("collective push to %s: accepted after %.3f s, joined in %.3f s, %d bytes "
+                 "sent in %.3f s (%.2f GB/s)", address, joining - start, sending - joining,
+                 size, seconds, size / max(seconds, 1e-9) / 1e9)  # fmt: skip
+        return size
 
     sending = asyncio.ensure_future(asyncio.to_thread(send))
     try:
