@@ -321,12 +321,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             except InvalidArgument:
                 await drain(messages)  # the sender is still writing: let it finish, so that
                 raise  # it reads this status rather than a failed write
-            async with self.gate.exclusive():
-                await engine.swap(tensors, assembler.header.version)
-            return self._updated(
-                assembler.header.version, len(tensors), assembler.total, start,
-                assembler.header.partial,
-            )  # fmt: skip
+            return await self._swap(engine, assembler, tensors, start)
+
+    async def _swap(self, engine, assembler: StreamAssembler, tensors: dict, start: float):
+        """Swaps the assembled ``tensors`` in (behind the gate) and answers the update."""
+        async with self.gate.exclusive():
+            await engine.swap(tensors, assembler.header.version)
+        return self._updated(
+            assembler.header.version, len(tensors), assembler.total, start,
+            assembler.header.partial,
+        )  # fmt: skip
 
     async def _assemble(self, assembler: StreamAssembler, messages) -> dict:
         """The chunks and commit after the header; the checked tensors."""
@@ -381,12 +385,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
             tensors = await asyncio.to_thread(assembler.take_all, fill)
             await asyncio.to_thread(check_finite, tensors, assembler.field)
-            async with self.gate.exclusive():
-                await engine.swap(tensors, assembler.header.version)
-            return self._updated(
-                assembler.header.version, len(tensors), assembler.total, start,
-                assembler.header.partial,
-            )  # fmt: skip
+            return await self._swap(engine, assembler, tensors, start)
 
     async def LoadWeights(
         self, request: generation_pb2.LoadWeightsRequest, context
