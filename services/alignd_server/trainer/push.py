@@ -13,6 +13,7 @@ pushed (generation holds only the policy).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -73,7 +74,14 @@ async def _push_one(
 
 
 async def _push_collective(
-    address: str, weights, version: int, timeout: float, rendezvous, bucket: int, settings
+    address: str,
+    weights,
+    version: int,
+    timeout: float,
+    rendezvous,
+    bucket: int,
+    settings,
+    senders: concurrent.futures.Executor,
 ) -> trainer_pb2.PushResult:
     start, deadline = time.perf_counter(), time.monotonic() + timeout
     name, called = collective.new_group_name(), threading.Event()
@@ -99,7 +107,7 @@ async def _push_collective(
                  size, seconds, size / max(seconds, 1e-9) / 1e9)  # fmt: skip
         return size
 
-    sending = asyncio.ensure_future(asyncio.to_thread(send))
+    sending = asyncio.get_running_loop().run_in_executor(senders, send)
     try:
         async with _client(address, settings) as client:
             try:
@@ -140,11 +148,14 @@ async def push_collective(
     except (OSError, RuntimeError) as err:
         raise FailedPrecondition(f"rendezvous: cannot listen on {listen[0]}:{listen[1]}: "
                                  f"{err}") from None  # fmt: skip
+    # A sender per target: each waits on its own replica, so none may queue behind another.
+    senders = concurrent.futures.ThreadPoolExecutor(len(addresses), "collective-push")
     try:
         return list(await asyncio.gather(*(
-            _push_collective(a, weights, version, timeout, rendezvous, bucket, settings)
+            _push_collective(a, weights, version, timeout, rendezvous, bucket, settings, senders)
             for a in addresses)))  # fmt: skip
     finally:
+        senders.shutdown(wait=False)  # a sender still waiting ends within the timeout
         rendezvous.close()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignd import ReferenceClient, TrainerClient
+from alignd import GenerationClient, ReferenceClient, TrainerClient
 from alignd.errors import FailedPreconditionError, InvalidArgumentError
 from alignd.tensors import from_numpy, from_ragged, to_ragged
 from alignd.v1 import common_pb2, trainer_pb2
@@ -499,3 +499,15 @@ def test_the_collective_transport_gives_replicas_what_the_stream_gives(serve, ti
     for token_ids, logprobs in served[1:]:  # bit for bit
         np.testing.assert_array_equal(token_ids, served[0][0])
         np.testing.assert_array_equal(logprobs, served[0][1])
+
+
+def test_a_rendezvous_the_trainer_cannot_listen_on_fails_the_push_by_name(serve, tiny_models):
+    from alignd.errors import FailedPreconditionError
+
+    replica = serve("generation")
+    with TrainerClient(serve("trainer", push_targets=[replica.target]).target) as trainer:
+        initialize(trainer, tiny_models.causal_lm)
+        with pytest.raises(FailedPreconditionError, match="rendezvous: cannot listen on 192.0.2"):
+            trainer.push_weights([replica.target], version=1, rendezvous="192.0.2.1:0")
+    with GenerationClient(replica.target) as client:
+        assert client.info().weights_version == 0
