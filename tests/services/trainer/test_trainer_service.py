@@ -507,7 +507,8 @@ def test_a_rendezvous_the_trainer_cannot_listen_on_fails_the_push_by_name(serve,
     replica = serve("generation")
     with TrainerClient(serve("trainer", push_targets=[replica.target]).target) as trainer:
         initialize(trainer, tiny_models.causal_lm)
-        with pytest.raises(FailedPreconditionError, match=r"rendezvous: cannot listen on 192\.0\.2\.1"):
+        refused = r"rendezvous: cannot listen on 192\.0\.2\.1"
+        with pytest.raises(FailedPreconditionError, match=refused):
             trainer.push_weights([replica.target], version=1, rendezvous="192.0.2.1:0")
     with GenerationClient(replica.target) as client:
         assert client.info().weights_version == 0
