@@ -4,7 +4,9 @@ Measures, in one run on one machine, with the same pairs, pairs per step and max
   1. seconds per DPO optimizer step on SmolLM2-135M: the service (ForwardBackward with the
      ``dpo`` loss on P chosen rows then P rejected rows, then OptimStep) vs TRL ``DPOTrainer``.
      Both read reference log-probabilities computed once before training (the service's come
-     from the reference service; TRL's from ``precompute_ref_log_probs=True``);
+     from the reference service; TRL's from ``precompute_ref_log_probs=True``). The service
+     runs twice, as two trainer services on the same batches: right-padded rows, and packed
+     rows (Initialize ``packing``, padding-free); their losses must agree;
   2. seconds per reward-model step on MiniLM-L6 (one-label sequence classifier): the service's
      ``bradley_terry`` loss vs TRL ``RewardTrainer``;
   3. the FLOP/s the service's DPO step achieves, 6 · N · tokens / (s/step), with N the trainable
@@ -167,6 +169,21 @@ def trl_peer():
     return datasets, trl
 
 
+class Turns:
+    """Several sides' steps one after another, the order reversed every other step."""
+
+    def __init__(self, *sides) -> None:
+        self.sides = sides
+
+    def __call__(self, step: int) -> None:
+        for side in self.sides if step % 2 == 0 else reversed(self.sides):
+            side(step)
+
+    def run(self, count: int) -> None:
+        for step in range(count):
+            self(step)
+
+
 class ServiceSteps:
     """The service side: ForwardBackward(loss) + OptimStep per step, timed from the client."""
 
@@ -224,8 +241,9 @@ def check_trl_rows(dataset, rows: list[tuple[list[int], list[int], int]], max_le
             raise RuntimeError(f"pair {i}: TRL's token ids differ from the service's")
 
 
-def dpo(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
-    """The DPO side by side; returns both sides' step times, the tokens per step and N."""
+def dpo(args: argparse.Namespace, trainer: TrainerClient, packing: TrainerClient, out: str) -> dict:
+    """The DPO side by side: the service with padded rows (``trainer``) and with packed rows
+    (``packing``), and TRL; returns the step times, the losses, the tokens per step and N."""
     path = resolve_model(args.policy)
     loaded = load_causal_lm(path)
     pairs = make_pairs(args.pairs)
@@ -237,22 +255,25 @@ def dpo(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
         for s, r in zip(steps, ref, strict=True)
     ]
     init = trainer.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
+    packing.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0, packing=True)
     service = ServiceSteps(trainer, batches, losses.DPO(beta=BETA))
+    packed = ServiceSteps(packing, batches, losses.DPO(beta=BETA))
     peer = {"trl": [], "ref_diff": None}
     if args.peer == "trl":
-        peer = dpo_peer(args, loaded, pairs, rows, ref, service, out)
+        peer = dpo_peer(args, loaded, pairs, rows, ref, Turns(service, packed), out)
     else:
-        service.run(args.warmup + args.steps)
+        Turns(service, packed).run(args.warmup + args.steps)
     return {
-        **peer, "service": service.times, "losses": service.losses,
+        **peer, "service": service.times, "losses": service.losses, "packed": packed.times,
+        "packed_losses": packed.losses,
         "tokens": [sum(len(r) for r in steps[i % len(steps)].rows)
                    for i in range(len(service.times))],
         "params": init.trainable_parameters,
     }  # fmt: skip
 
 
-def dpo_peer(args, loaded, pairs: Pairs, rows, ref, service: ServiceSteps, out: str) -> dict:
-    """TRL's DPOTrainer on the same pairs, the service's step run after each of its own."""
+def dpo_peer(args, loaded, pairs: Pairs, rows, ref, service: Turns, out: str) -> dict:
+    """TRL's DPOTrainer on the same pairs, the service's steps run after each of its own."""
     datasets, trl = trl_peer()
     timer = Interleave(service)
     peer = trl.DPOTrainer(
@@ -444,44 +465,62 @@ def main() -> int:
         flags += ["--storage-root", root]  # Initialize may load the models from there
     if args.parallel:
         return parallel_modes(args, flags)
-    with tempfile.TemporaryDirectory() as out, LocalService("trainer", flags) as service:
-        with TrainerClient(service.target, timeout=3600) as trainer:
-            d = dpo(args, trainer, out)
-            r = reward_model(args, trainer, out)
+    with (
+        tempfile.TemporaryDirectory() as out,
+        LocalService("trainer", flags) as service,
+        LocalService("trainer", flags) as packing_service,
+        TrainerClient(service.target, timeout=3600) as trainer,
+        TrainerClient(packing_service.target, timeout=3600) as packing,
+    ):
+        d = dpo(args, trainer, packing, out)
+        packing.close()
+        packing_service.stop()  # its memory is not needed for the reward model
+        r = reward_model(args, trainer, out)
     peak = matmul_flops(args.device)
     w = args.warmup
     dpo_s, rm_s = statistics.median(d["service"][w:]), statistics.median(r["service"][w:])
+    packed_s = statistics.median(d["packed"][w:])
     flops = 6 * d["params"] * sum(d["tokens"][w:])  # 6 · N · real tokens, over the timed steps
     achieved = flops / sum(d["service"][w:])
+    achieved_packed = flops / sum(d["packed"][w:])
     print(
         f"\n{args.device}, threads {torch.get_num_threads()}; {args.pairs} pairs, {args.batch} "
         f"pairs/step, max length {args.max_length}, {args.steps} timed steps after {w} warm-up"
     )
     checks = f"DPO first-step loss (service) {d['losses'][0]:.4f} (ln 2 = 0.6931)"
+    gap = float(np.abs(np.array(d["losses"]) - np.array(d["packed_losses"])).max())
+    checks += f"; packed vs padded losses: max |diff| {gap:.2e}"
     if d["ref_diff"] is not None:
         checks += f"; reference log-probs, service vs TRL: max |diff| {d['ref_diff']:.2e}"
     print(checks)
     sides = ("service", "trl") if args.peer == "trl" else ("service",)
     for name, times in (("DPO", d), ("RM", r)):
-        for side in sides:
+        for side in (*sides, "packed") if name == "DPO" else sides:
             print(f"{name} {side} s/step: " + " ".join(f"{t:.2f}" for t in times[side]))
     print(f"achieved FLOP/s = 6 · N · tokens / seconds, N = {d['params']:,} trainable parameters, "
           "tokens = real (unpadded) tokens of the step's 2P rows")  # fmt: skip
     policy, reward = Path(args.policy).name, Path(args.reward).name
     rows = [
         (f"DPO {policy}, service ForwardBackward + OptimStep", dpo_s, "s/step"),
+        (f"DPO {policy}, service, packed rows", packed_s, "s/step"),
         (f"RM {reward}, service ForwardBackward + OptimStep", rm_s, "s/step"),
         ("DPO real tokens per step (mean)", statistics.mean(d["tokens"][w:]), "tokens"),
         ("DPO service achieved, 6 · N · tokens / (s/step)", achieved / 1e9, "GFLOP/s"),
+        ("DPO service packed, achieved", achieved_packed / 1e9, "GFLOP/s"),
         ("dense float32 matmul 2048 x 2048 (2 n^3 / s, best of 5)", peak / 1e9, "GFLOP/s"),
     ]
-    ratios = {"DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak}
+    ratios = {
+        "DPO service packed / padded, s/step": packed_s / dpo_s,
+        "DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak,
+        "DPO service packed achieved FLOP/s / matmul FLOP/s": achieved_packed / peak,
+    }
     if args.peer == "trl":
         dpo_t, rm_t = statistics.median(d["trl"][w:]), statistics.median(r["trl"][w:])
         rows[1:1] = [(f"DPO {policy}, TRL DPOTrainer (precomputed ref log-probs)", dpo_t, "s/step")]
-        rows[3:3] = [(f"RM {reward}, TRL RewardTrainer", rm_t, "s/step")]
+        rows[4:4] = [(f"RM {reward}, TRL RewardTrainer", rm_t, "s/step")]
         ratios = {
             "DPO service / TRL, s/step (target <= 1.0)": dpo_s / dpo_t,
+            "DPO service packed / TRL, s/step (target <= 0.5)": packed_s / dpo_t,
             "RM service / TRL, s/step (target <= 1.0)": rm_s / rm_t,
             **ratios,
         }

@@ -186,7 +186,14 @@ def forward_requests(model: Model) -> st.SearchStrategy:
 
 def initialize_requests(good: list[str], bad: list[str]) -> st.SearchStrategy:
     """Initialize from one of the ``good`` model paths (or, wild, a ``bad`` one), with any
-    kind, dtype, optimizer, schedule, clipping and LoRA settings."""
+    kind, dtype, optimizer, schedule, clipping, LoRA and packing settings."""
+
+    def packing(f) -> trainer_pb2.PackingConfig | None:
+        if not f.draw(st.booleans()):
+            return None
+        limits = [0, 1, 2, 1 << 20, (1 << 20) + 1, 2**32 - 1]
+        tokens = f(st.sampled_from([0, 0, 8, 64]), st.sampled_from(limits))
+        return trainer_pb2.PackingConfig(max_tokens=tokens)
 
     def lora(f) -> trainer_pb2.LoraConfig | None:
         if not f.draw(st.sampled_from([True, False, False])):
@@ -232,6 +239,7 @@ def initialize_requests(good: list[str], bad: list[str]) -> st.SearchStrategy:
             gradient_checkpointing=f.draw(st.booleans()),
             lora=lora(f),
             seed=f.draw(st.one_of(st.none(), uint64s())),
+            packing=packing(f),
         )
 
     return requests(build)

@@ -89,7 +89,8 @@ def initialize_request(
 ) -> trainer_pb2.InitializeRequest:
     """An InitializeRequest; options: lr, betas, eps, weight_decay, schedule, warmup_steps,
     total_steps, min_lr_ratio, max_grad_norm, gradient_checkpointing, lora (a
-    :class:`LoraConfig`), seed, dtype."""
+    :class:`LoraConfig`), seed, dtype, packing (padding-free batches) and packing_max_tokens
+    (most tokens per packed sequence; 0 = chosen per batch)."""
     betas = options.pop("betas", None)
     optimizer = trainer_pb2.AdamWConfig(
         lr=options.pop("lr", None), eps=options.pop("eps", None),
@@ -102,11 +103,15 @@ def initialize_request(
         min_lr_ratio=options.pop("min_lr_ratio", 0.0),
     )  # fmt: skip
     lora = options.pop("lora", None)
+    packing, max_tokens = options.pop("packing", False), options.pop("packing_max_tokens", 0)
+    if max_tokens and not packing:
+        raise ValueError("packing_max_tokens needs packing=True")
     request = trainer_pb2.InitializeRequest(
         model_path=str(model_path), kind=KINDS[kind], optimizer=optimizer, schedule=schedule,
         dtype=options.pop("dtype", ""), max_grad_norm=options.pop("max_grad_norm", None),
         gradient_checkpointing=options.pop("gradient_checkpointing", False),
         lora=lora.to_proto() if lora is not None else None, seed=options.pop("seed", None),
+        packing=trainer_pb2.PackingConfig(max_tokens=max_tokens) if packing else None,
     )  # fmt: skip
     if options:
         raise TypeError(f"unknown initialize options: {sorted(options)}")

@@ -179,7 +179,8 @@ class Job:
             warmup_steps=o.warmup_steps,
             total_steps=max(self.optimizer_steps(), o.warmup_steps + 1),
             max_grad_norm=o.max_grad_norm or None, seed=self.config.seed,
-            gradient_checkpointing=o.gradient_checkpointing, lora=lora,
+            gradient_checkpointing=o.gradient_checkpointing, lora=lora, packing=o.packing,
+            packing_max_tokens=o.packing_max_tokens,
         )  # fmt: skip
 
     def save(self, step: int, final: bool = False) -> None:

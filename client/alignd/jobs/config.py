@@ -76,8 +76,21 @@ class OptimConfig(_Strict):
     """Clip the global gradient norm to this; unset or 0 = no clipping."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
+    packing: bool = False
+    """Padding-free batches: the trainer lays each micro-batch's rows end to end in packed
+    sequences, so no compute goes to padding (causal models only; same losses)."""
+    packing_max_tokens: int = Field(0, ge=0, le=1 << 20)
+    """Most tokens per packed sequence with ``packing``; 0 = the trainer chooses per batch."""
     lora: LoraOptions | None = None
     """Train low-rank adapters instead of every weight; unset = full fine-tuning."""
+
+    @model_validator(mode="after")
+    def _max_tokens_need_packing(self) -> OptimConfig:
+        if self.packing_max_tokens and not self.packing:
+            raise ValueError("packing_max_tokens needs packing: true")
+        if self.packing_max_tokens == 1:
+            raise ValueError("packing_max_tokens must be 0 (chosen per batch) or >= 2")
+        return self
 
 
 class JobConfig(_Strict):

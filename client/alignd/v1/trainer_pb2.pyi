@@ -86,8 +86,14 @@ class LoraConfig(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class PackingConfig(_message.Message):
+    __slots__ = ("max_tokens",)
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    def __init__(self, max_tokens: _Optional[int] = ...) -> None: ...
+
 class InitializeRequest(_message.Message):
-    __slots__ = ("model_path", "kind", "dtype", "optimizer", "schedule", "max_grad_norm", "gradient_checkpointing", "lora", "seed")
+    __slots__ = ("model_path", "kind", "dtype", "optimizer", "schedule", "max_grad_norm", "gradient_checkpointing", "lora", "seed", "packing")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +103,7 @@ class InitializeRequest(_message.Message):
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     kind: ModelKind
     dtype: str
@@ -106,7 +113,8 @@ class InitializeRequest(_message.Message):
     gradient_checkpointing: bool
     lora: LoraConfig
     seed: int
-    def __init__(self, model_path: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[_Union[AdamWConfig, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleConfig, _Mapping]] = ..., max_grad_norm: _Optional[float] = ..., gradient_checkpointing: _Optional[bool] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    packing: PackingConfig
+    def __init__(self, model_path: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[_Union[AdamWConfig, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleConfig, _Mapping]] = ..., max_grad_norm: _Optional[float] = ..., gradient_checkpointing: _Optional[bool] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., packing: _Optional[_Union[PackingConfig, _Mapping]] = ...) -> None: ...
 
 class InitializeResponse(_message.Message):
     __slots__ = ("model", "trainable_parameters")
@@ -396,7 +404,7 @@ class TrainerState(_message.Message):
     def __init__(self, initialized: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., step: _Optional[int] = ..., accumulated_batches: _Optional[int] = ..., learning_rate: _Optional[float] = ..., trainable_parameters: _Optional[int] = ..., pushed_version: _Optional[int] = ...) -> None: ...
 
 class TrainerInfo(_message.Message):
-    __slots__ = ("server", "world_size", "backend", "parallel", "dtype", "parameter_bytes", "optimizer_bytes")
+    __slots__ = ("server", "world_size", "backend", "parallel", "dtype", "parameter_bytes", "optimizer_bytes", "packing")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +412,7 @@ class TrainerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     server: _common_pb2.ServerInfo
     world_size: int
     backend: str
@@ -411,4 +420,5 @@ class TrainerInfo(_message.Message):
     dtype: str
     parameter_bytes: _containers.RepeatedScalarFieldContainer[int]
     optimizer_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[_Iterable[int]] = ..., optimizer_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    packing: bool
+    def __init__(self, server: _Optional[_Union[_common_pb2.ServerInfo, _Mapping]] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[_Iterable[int]] = ..., optimizer_bytes: _Optional[_Iterable[int]] = ..., packing: _Optional[bool] = ...) -> None: ...

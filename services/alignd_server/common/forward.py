@@ -6,6 +6,13 @@ service's :func:`completion_logprobs` and the trainer's :func:`token_stats` both
 Every function takes right-padded batches: with causal attention, pad tokens after a sequence
 cannot change its positions or its values, which makes results independent of what else is in
 the batch (up to float rounding).
+
+The trainer can instead pack a batch (:func:`pack_rows`): several rows laid end to end in one
+sequence, their position ids restarting at each row and no attention mask, which transformers
+reads as packed sequences (``find_packed_sequence_indices``: a block-diagonal causal mask for
+its ``sdpa`` and ``eager`` attention, the variable-length kernel for flash attention). Then no
+linear layer, and no LM head, computes anything for padding: :func:`packed_token_stats` and
+:func:`packed_sequence_scores` give the same values as their padded counterparts.
 """
 
 from __future__ import annotations
@@ -65,7 +72,9 @@ def sequence_scores(
         (B,) float32 raw head outputs.
     """
     if _pools_last_token(model):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B,T,H)
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )[0]  # (B, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
         return model.score(last)[:, 0].float()
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
@@ -173,8 +182,8 @@ def token_stats(
     positions, width = completion_index(lengths, prompts)  # (B, K)
     first = int(prompts.min()) - 1  # the earliest position that predicts a completion token
     keep = torch.arange(first, int(lengths.max()) - 1, device=input_ids.device)  # (K',)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "output_hidden_states": hidden}  # fmt: skip
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,  # no KV cache to fill:
+              "output_hidden_states": hidden, "use_cache": False}  # fmt: skip
     try:
         out, shift = model(**inputs, logits_to_keep=keep), first  # logits (B, K', V)
     except TypeError:  # models without logits_to_keep: logits everywhere
@@ -222,3 +231,152 @@ def completion_logprobs(
     )
     counts = (lengths - prompt_lengths).tolist()
     return [stats.logprobs[b, :n] for b, n in enumerate(counts)]
+
+
+@dataclass
+class PackedBatch:
+    """Rows laid end to end in ``n`` packed sequences of width ``W`` (:func:`pack_rows`).
+
+    Row b occupies ``input_ids[bins[b], offsets[b] : offsets[b] + lengths[b]]``, with position
+    ids 0 .. length - 1. The unused tail of a packed sequence holds pad tokens whose positions
+    restart at 0 too, so it is a sequence of its own that no row attends to.
+    """
+
+    input_ids: torch.Tensor  # (n, W) int64
+    position_ids: torch.Tensor  # (n, W) int64
+    bins: torch.Tensor  # (B,) int64 packed sequence of each row
+    offsets: torch.Tensor  # (B,) int64 where each row starts in it
+    lengths: torch.Tensor  # (B,) int64 row lengths
+
+
+def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows (by index) grouped so that each group's lengths sum to at most ``capacity``, by
+    first-fit decreasing; a row longer than ``capacity`` is a group of its own. Rows keep
+    their order within a group."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for k, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[k].append(i)
+                room[k] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def pack_rows(
+    rows: Sequence[np.ndarray], pad_id: int, capacity: int, device: str | torch.device = "cpu"
+) -> PackedBatch:
+    """Packs token rows into sequences of at most ``capacity`` tokens (:func:`pack_bins`;
+    the width is the fullest packed sequence's)."""
+    lengths = [len(r) for r in rows]
+    groups = pack_bins(lengths, capacity)
+    width = max(sum(lengths[i] for i in g) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.empty((len(groups), width), dtype=torch.long)
+    bins = torch.empty(len(rows), dtype=torch.long)
+    offsets = torch.empty(len(rows), dtype=torch.long)
+    for k, group in enumerate(groups):
+        start = 0
+        for i in group:
+            n = lengths[i]
+            input_ids[k, start : start + n] = torch.tensor(np.asarray(rows[i]), dtype=torch.long)
+            position_ids[k, start : start + n] = torch.arange(n)
+            bins[i], offsets[i] = k, start
+            start += n
+        position_ids[k, start:] = torch.arange(width - start)  # the tail: a sequence alone
+    return PackedBatch(
+        input_ids.to(device), position_ids.to(device), bins.to(device), offsets.to(device),
+        torch.tensor(lengths, dtype=torch.long, device=device),
+    )  # fmt: skip
+
+
+def _packed_hidden(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """(n, W, H) last hidden state of the packed sequences (no attention mask: transformers
+    finds the rows from the position ids, which it does only without a KV cache)."""
+    return model.base_model(
+        input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
+    )[0]
+
+
+def packed_token_stats(
+    model: torch.nn.Module,
+    packed: PackedBatch,
+    prompts: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    mean_logprobs: bool = False,
+    hidden: bool = False,
+) -> TokenStats:
+    """:func:`token_stats` of a packed batch, in the same (B, K) layout.
+
+    The decoder runs once over the packed sequences; the LM head (the model's output
+    embeddings) then projects only the hidden states that predict a completion token — T of
+    them, the batch's completion tokens, with no padding — and the (T,) statistics are laid
+    out as (B, K) rows, zero past each row's completion.
+    """
+    device = packed.lengths.device
+    counts = packed.lengths - prompts  # (B,) completion tokens per row
+    width, total = int(counts.max()), int(counts.sum())
+    row = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # (T,)
+    column = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )  # (T,) index of each token within its row's completion
+    where = packed.offsets[row] + prompts[row] - 1 + column  # (T,) predicting positions
+    states = _packed_hidden(model, packed)[packed.bins[row], where]  # (T, H)
+    logits = model.get_output_embeddings()(states)  # (T, V)
+    targets = packed.input_ids[packed.bins[row], where + 1]
+    flat = token_logprobs(
+        logits[None], torch.arange(total, device=device)[None], targets[None],
+        temperature=temperature, entropy=entropy, mean_logprobs=mean_logprobs,
+    )  # fmt: skip
+
+    def rows(values: torch.Tensor | None) -> torch.Tensor | None:
+        """(T, ...) values as (B, K, ...) rows, zero in the padding (differentiable)."""
+        if values is None:
+            return None
+        out = values.new_zeros((len(counts), width, *values.shape[1:]))
+        return out.index_put((row, column), values)
+
+    mask = torch.arange(width, device=device)[None, :] < counts[:, None]
+    logprobs, entropies, means = (rows(v[0]) if v is not None else None for v in flat)
+    return TokenStats(
+        mask=mask.float(), logprobs=logprobs, entropy=entropies, mean_logprobs=means,
+        hidden=rows(states) if hidden else None,
+    )  # fmt: skip
+
+
+def packed_sequence_scores(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """:func:`sequence_scores` of a packed batch: a decoder classifier's head on each row's
+    last token. Encoder classifiers attend both ways and pool their own way; they are not
+    packed (:func:`packable`)."""
+    last = packed.offsets + packed.lengths - 1
+    states = _packed_hidden(model, packed)[packed.bins, last]  # (B, H)
+    return model.score(states)[:, 0].float()
+
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "lm_head_multiplier", "dim_model_base")  # fmt: skip
+"""Config fields of architectures whose causal-LM head does more to the logits than the
+output embeddings (Gemma 2/3 soft-capping, Cohere and Granite scales, MiniCPM, Falcon-H1):
+:func:`packed_token_stats` applies the output embeddings alone, so these are not packed."""
+
+
+def packable(model: torch.nn.Module, classifier: bool) -> str | None:
+    """Why ``model`` cannot be packed, or None: packing needs a causal decoder whose logits
+    are its output embeddings of the last hidden state."""
+    name = type(model).__name__
+    if classifier:
+        if not _pools_last_token(model):
+            return f"{name} is an encoder classifier (it attends both ways)"
+        return None
+    if model.get_output_embeddings() is None:
+        return f"{name} has no output embeddings"
+    for field in LOGIT_TRANSFORMS:
+        if getattr(model.config, field, None) not in (None, 1, 1.0):
+            return f"{name} transforms its logits ({field})"
+    return None

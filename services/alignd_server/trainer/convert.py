@@ -44,6 +44,7 @@ MAX_TARGETS = 64
 MAX_PUSH_TIMEOUT_S = 86400.0
 DEFAULT_PUSH_TIMEOUT_S = 300.0
 MAX_LORA_ALPHA = 1e4
+MAX_PACKING_TOKENS = 1 << 20
 
 
 # Ranges of the optimizer settings: wide enough for any real run, narrow enough that a value
@@ -93,6 +94,11 @@ def init_spec(
         )
     in_range(schedule.min_lr_ratio, "schedule.min_lr_ratio", 0, 1)
     max_norm = optional_in_range(request, "max_grad_norm", "max_grad_norm", 0.0, 0, FLOAT32_MAX)
+    packing = request.HasField("packing")
+    tokens = request.packing.max_tokens
+    if packing and tokens and not 2 <= tokens <= MAX_PACKING_TOKENS:
+        limit = f"0 (chosen per batch) or 2 .. {MAX_PACKING_TOKENS}"
+        raise InvalidArgument("packing.max_tokens", f"{tokens} must be {limit}")
     return InitSpec(
         path=path, kind=KINDS[request.kind], dtype=dtype, lr=lr, betas=betas, eps=eps,
         weight_decay=weight_decay, schedule=SCHEDULES[schedule.kind],
@@ -101,6 +107,7 @@ def init_spec(
         gradient_checkpointing=request.gradient_checkpointing,
         lora=_lora(request.lora) if request.HasField("lora") else None,
         seed=request.seed if request.HasField("seed") else 0,
+        packing=packing, packing_tokens=tokens,
     )  # fmt: skip
 
 

@@ -18,6 +18,16 @@ everything trained and PyTorch's data-parallel engines can wrap it whole (``para
   parameters, gradients and AdamW state as DTensors; gradient reduction is a sum-only
   reduce-scatter (gloo has no pre-multiplied sums).
 
+Packing (``spec.packing``, padding-free training): each batch's rows are laid end to end in
+packed sequences (:func:`~alignd_server.common.forward.pack_rows`) and transformers' own
+packed-sequence attention keeps them apart, so linear layers and the LM head see no padding.
+With dense attention kernels (sdpa, eager) a packed sequence of width W still costs W² in
+attention, so rows are grouped into sequences of at most a capacity that :meth:`capacity`
+picks per batch by the estimated work; flash attention's variable-length kernel needs, and
+gets, a single packed sequence. Initialize runs a small packed and padded forward and refuses
+a model whose results differ (one whose attention ignores packed position ids, or whose head
+post-processes logits).
+
 Mixed precision: master weights and optimizer state are float32 always; a ``dtype`` of
 bfloat16 or float16 is the compute dtype, through FSDP2's ``MixedPrecisionPolicy`` (parameters
 cast per block, gradients reduced in float32) or ``torch.autocast`` otherwise. float16 gets no
@@ -34,7 +44,17 @@ import numpy as np
 import torch
 
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
-from alignd_server.common.forward import pad_right, sequence_scores, token_stats
+from alignd_server.common.forward import (
+    PackedBatch,
+    pack_bins,
+    pack_rows,
+    packable,
+    packed_sequence_scores,
+    packed_token_stats,
+    pad_right,
+    sequence_scores,
+    token_stats,
+)
 from alignd_server.common.models import (
     DTYPES,
     LoadedModel,
@@ -71,6 +91,9 @@ class InitSpec:
     gradient_checkpointing: bool = False
     lora: lora.LoraSpec | None = None
     seed: int = 0
+    packing: bool = False
+    packing_tokens: int = 0
+    """Most tokens per packed sequence; 0 = chosen per batch (:meth:`TrainerEngine.capacity`)."""
 
 
 @dataclass
@@ -112,13 +135,20 @@ class Network(torch.nn.Module):
         self.value_head = value_head
 
     def forward(self, ids, mask, lengths, prompts, *, classifier: bool, temperature: float,
-                entropy: bool, mean_logprobs: bool, values: bool) -> dict:  # fmt: skip
+                entropy: bool, mean_logprobs: bool, values: bool,
+                packed: PackedBatch | None = None) -> dict:  # fmt: skip
+        """A right-padded batch (``ids``, ``mask``, ``lengths``), or ``packed`` rows (then
+        the first three are None)."""
         if classifier:
+            if packed is not None:
+                return {"rewards": packed_sequence_scores(self.model, packed)}
             return {"rewards": sequence_scores(self.model, ids, mask, lengths)}
-        stats = token_stats(
-            self.model, ids, mask, lengths, prompts, temperature=temperature, entropy=entropy,
-            mean_logprobs=mean_logprobs, hidden=values,
-        )  # fmt: skip
+        options = {"temperature": temperature, "entropy": entropy,
+                   "mean_logprobs": mean_logprobs, "hidden": values}  # fmt: skip
+        if packed is not None:
+            stats = packed_token_stats(self.model, packed, prompts, **options)
+        else:
+            stats = token_stats(self.model, ids, mask, lengths, prompts, **options)
         out = {"mask": stats.mask, "logprobs": stats.logprobs, "entropy": stats.entropy,
                "mean_logprobs": stats.mean_logprobs}  # fmt: skip
         if values:
@@ -211,6 +241,65 @@ class TrainerEngine:
         self.pushed_version = 0
         self.rank_bytes: tuple[list[int], list[int]] = ([], [])
         """Every rank's parameter and optimizer bytes (by rank), measured by the executor."""
+        attention = str(getattr(self.model.config, "_attn_implementation", "") or "")
+        self.varlen = "flash" in attention
+        """The attention kernel takes packed rows of any length at their own cost (flash
+        attention's variable-length path): every row goes in one packed sequence."""
+        self.attention_span = _attention_span(self.model)
+        if spec.packing:
+            self._check_packing()
+
+    def _check_packing(self) -> None:
+        """Packing must reproduce the padded forward: a model that cannot pack is refused."""
+        classifier = self.spec.kind == SEQUENCE_CLASSIFIER
+        why = packable(self.model, classifier)
+        if why is None and self.varlen and self.spec.packing_tokens:
+            why = (f"its {self.model.config._attn_implementation} attention takes every row in "
+                   "one packed sequence; leave max_tokens 0")  # fmt: skip
+        if why is None:
+            vocab = self.model.get_input_embeddings().num_embeddings
+            rows = [np.random.default_rng(0).integers(0, vocab, n) for n in (6, 4, 3)]
+            probe = Batch(rows=rows, prompts=np.array([2, 1, 1]))
+            padded = self._run(probe, 1.0, False, set(), packed=False)
+            packed = self._run(probe, 1.0, False, set(), packed=True, capacity=10)
+            key = "rewards" if classifier else "logprobs"
+            gap = float((padded[key] - packed[key]).abs().max())
+            tolerance = 1e-3 if self.compute_dtype == torch.float32 else 5e-2
+            if not gap <= tolerance:
+                why = (f"{type(self.model).__name__} gives other {key} packed than padded "
+                       f"(largest difference {gap:.3g} > {tolerance:g}): its attention or "
+                       "head does not follow packed position ids")  # fmt: skip
+        if why is not None:
+            raise InvalidArgument("packing", f"cannot pack this model: {why}; train it unpacked")
+
+    def capacity(self, lengths: list[int]) -> int:
+        """Most tokens per packed sequence for rows of ``lengths``.
+
+        ``spec.packing_tokens`` when set (at least the longest row); with a variable-length
+        attention kernel, every row together. Otherwise the capacity whose first-fit
+        decreasing packing has the least estimated work: n sequences of width W cost
+        n · W · (1 + W / span) — the linear layers per token, plus dense attention over the
+        width, span being how many keys cost one token's linear layers
+        (:func:`_attention_span`). Candidates run from the longest row upwards by factors
+        of √2 to all rows together.
+        """
+        longest, total = max(lengths), sum(lengths)
+        if self.spec.packing_tokens:
+            return max(self.spec.packing_tokens, longest)
+        if self.varlen:
+            return total
+        best, best_cost = longest, math.inf
+        candidate = float(longest)
+        while True:
+            cap = min(int(candidate), total)
+            groups = pack_bins(lengths, cap)
+            width = max(sum(lengths[i] for i in g) for g in groups)
+            cost = len(groups) * width * (1 + width / self.attention_span)
+            if cost < best_cost:
+                best, best_cost = cap, cost
+            if cap >= total:
+                return best
+            candidate *= math.sqrt(2)
 
     def _wrap(self, parallel: str) -> torch.nn.Module:
         if parallel == "ddp":
@@ -304,19 +393,31 @@ class TrainerEngine:
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _run(self, batch: Batch, temperature: float, grad: bool, needs: set[str], *,
+             packed: bool, capacity: int | None = None, module=None) -> dict:  # fmt: skip
+        """The network's float32 outputs on ``batch``, padded or packed (``capacity``: the
+        packing's, default :meth:`capacity`)."""
+        pad = self.loaded.tokenizer.pad_token_id
+        prompts = torch.as_tensor(batch.prompts, device=self.device)
+        if packed:
+            cap = capacity or self.capacity([len(r) for r in batch.rows])
+            rows, tensors = pack_rows(batch.rows, pad, cap, self.device), (None, None, None)
+        else:
+            rows, tensors = None, pad_right(batch.rows, pad, self.device)
+        with torch.set_grad_enabled(grad), self._autocast():
+            out = (module or self.network)(
+                *tensors, prompts, classifier=self.spec.kind == SEQUENCE_CLASSIFIER,
+                temperature=temperature, entropy="entropy" in needs,
+                mean_logprobs="mean_logprobs" in needs, values="values" in needs, packed=rows,
+            )  # fmt: skip
+        return {k: v.float() if v is not None else None for k, v in out.items()}
+
     def _inputs(self, batch: Batch, temperature: float, grad: bool, needs: set[str]) -> LossInputs:
         """The tensors a loss (or Forward) reads; of the statistics ``entropy``,
         ``mean_logprobs`` and ``values`` only those in ``needs`` are computed."""
-        ids, mask, lengths = pad_right(batch.rows, self.loaded.tokenizer.pad_token_id, self.device)
-        prompts = torch.as_tensor(batch.prompts, device=self.device)
+        out = self._run(batch, temperature, grad, needs, packed=self.spec.packing,
+                        module=self.wrapped)  # fmt: skip
         classifier = self.spec.kind == SEQUENCE_CLASSIFIER
-        with torch.set_grad_enabled(grad), self._autocast():
-            out = self.wrapped(
-                ids, mask, lengths, prompts, classifier=classifier, temperature=temperature,
-                entropy="entropy" in needs, mean_logprobs="mean_logprobs" in needs,
-                values="values" in needs,
-            )  # fmt: skip
-        out = {k: v.float() if v is not None else None for k, v in out.items()}
         if classifier:
             return LossInputs(None, None, rewards=out["rewards"],
                               sequence_inputs=_sequence(batch, self.device))  # fmt: skip
@@ -445,6 +546,21 @@ class TrainerEngine:
                 array = tensor.detach().float().cpu().numpy()
                 result[name] = [array[b, :n] for b, n in enumerate(lengths)]
         return result
+
+
+def _attention_span(model: torch.nn.Module) -> float:
+    """Keys whose dense attention costs as much as one token through a block's linear layers:
+    a block's weights P take 2P FLOPs a token, attention 4 · h FLOPs a (query, key) pair, h
+    the query heads' width, so span = P / (2h). Without blocks to measure, P ≈ 12 · hidden²
+    (span 6 · hidden)."""
+    config = model.config
+    hidden = getattr(config, "hidden_size", None) or 768
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else hidden)
+    width = (heads or 1) * head_dim if heads else hidden
+    blocks = _blocks(model)
+    weights = sum(p.numel() for p in blocks[0].parameters()) if blocks else 12 * hidden**2
+    return max(weights / (2 * width), 1.0)
 
 
 def _pad(rows: list[np.ndarray], shape: torch.Size, device: str) -> torch.Tensor:

@@ -209,4 +209,5 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             server=info, world_size=self.executor.world_size, backend=self.executor.backend,
             parallel=self.executor.parallel, dtype=engine.spec.dtype if engine else "",
             parameter_bytes=parameters, optimizer_bytes=optimizer,
+            packing=bool(engine and engine.spec.packing),
         )  # fmt: skip

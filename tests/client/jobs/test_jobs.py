@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from alignd import GenerationClient, Platform, RewardClient
 from alignd.data import load_examples
@@ -108,6 +109,25 @@ def test_dpo_job_caches_reference_logprobs(platform, tmp_path):
     cached = sorted((tmp_path / "dpo" / "cache").glob("ref_logps-*.npy"))
     # held-out: 8 pairs, train: 16 pairs; two sequences a pair
     assert [np.load(path).shape for path in cached] == [(16,), (32,)]
+
+
+def test_a_packed_dpo_job_logs_what_the_padded_one_logs(platform, tmp_path):
+    """``optim.packing``: the trainer packs every micro-batch, and the job's losses, grad
+    norms and held-out metrics are those of the padded run."""
+    data = {"path": TASK.preferences_train, "limit": 24, "held_out": 8}
+    runs = {}
+    for packing in (False, True):
+        optim = {"lr": 1e-3, "packing": packing}
+        config = DPOConfig(data=data, max_steps=2, beta=0.5,
+                           **{**common(tmp_path, f"dpo-{packing}"), "optim": optim})  # fmt: skip
+        runs[packing] = run(config, platform)
+        assert platform.trainer.info().packing is packing
+    for packed, padded in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "grad_norm", "accuracy", "margin", "eval/accuracy", "eval/loss"):
+            if key in padded:
+                assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
+    with pytest.raises(ValidationError, match="packing_max_tokens needs packing: true"):
+        DPOConfig(data=data, **{**common(tmp_path, "no"), "optim": {"packing_max_tokens": 64}})
 
 
 def test_ppo_job_rounds_push_weights_to_generation(platform, tmp_path):

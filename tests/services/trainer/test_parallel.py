@@ -1,4 +1,5 @@
-"""Data parallelism: sharding rules, and 2 ranks (torchrun, gloo) compute what 1 rank does."""
+"""Training at scale: sharding rules, 2 ranks (torchrun, gloo) compute what 1 rank does, and
+packed (padding-free) batches compute what padded ones do."""
 
 from __future__ import annotations
 
@@ -100,10 +101,10 @@ SFT = TrainBatch(ROWS[:5], [2, 1, 3, 2, 4])  # 5 rows: shards of 3 and 2, unequa
 COMPLETIONS = [len(r) - p for r, p in zip(ROWS[:5], [2, 1, 3, 2, 4], strict=True)]
 
 
-def _run(trainer: TrainerClient, model, directory) -> dict:
+def _run(trainer: TrainerClient, model, directory, **options) -> dict:
     """The same fixed steps on any trainer; what they return is compared across world sizes
     and modes: a causal LM (SFT, DPO, the policy gradient with importance weights), a PPO
-    policy with a value head, and LoRA."""
+    policy with a value head, and LoRA. ``options`` go to every Initialize."""
     ref = np.array([-20.0, -15.0, -22.0, -18.0, -25.0, -9.0])
     pairs = TrainBatch(ROWS, [1] * 6, sequence_inputs={"ref_logps": ref})
     # Importance weights of 1 but on the last row's first token (e^0.5; shard 2 of 2): its
@@ -115,7 +116,7 @@ def _run(trainer: TrainerClient, model, directory) -> dict:
         "advantages": [np.full(n, 0.5, np.float32) for n in COMPLETIONS],
         "old_logprobs": old, "behaviour_logprobs": behaviour,
     })  # fmt: skip
-    trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
+    trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7, **options)
     record: dict = {}
     _steps(trainer, ((SFT, losses.CrossEntropy()), (pairs, losses.DPO(beta=0.2)),
                      (weighted, losses.PolicyGradient(clip_range=0.2))), record)  # fmt: skip
@@ -146,13 +147,14 @@ def _run(trainer: TrainerClient, model, directory) -> dict:
         "returns": [np.full(n, 0.3, np.float32) for n in COMPLETIONS],
         "old_values": [np.full(n, 0.1, np.float32) for n in COMPLETIONS],
     })  # fmt: skip
-    trainer.initialize(model, "causal_lm_value", lr=1e-2, seed=3)
+    trainer.initialize(model, "causal_lm_value", lr=1e-2, seed=3, **options)
     _steps(trainer, ((values, losses.PPO()), (values, losses.PPO())), record.setdefault("ppo", {}))
     record["ppo"]["values"] = trainer.forward(values, ["values"])["values"]
     trainer.save_checkpoint(directory / "ppo")
     record["ppo"]["head"] = load_file(str(directory / "ppo" / "value_head.safetensors"))
 
-    trainer.initialize(model, lr=1e-2, seed=5, lora=LoraConfig(r=2), max_grad_norm=1.0)
+    trainer.initialize(model, lr=1e-2, seed=5, lora=LoraConfig(r=2), max_grad_norm=1.0,
+                       **options)  # fmt: skip
     _steps(trainer, ((SFT, losses.CrossEntropy()), (pairs, losses.DPO())),
            record.setdefault("lora", {}))  # fmt: skip
     trainer.save_checkpoint(directory / "lora")
@@ -194,19 +196,9 @@ def _assert_tensors(two: dict, one: dict) -> None:
         torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_compute_what_one_rank_does(
-    parallel, one_rank, tiny_models, tmp_path, storage_root
-):
-    """SFT, DPO, the weighted policy gradient, a deferred reduction, PPO's value head and
-    LoRA: losses, metrics, grad norms, outputs and saved weights of 2 ranks equal 1 rank's;
-    FSDP holds about half the parameters and optimizer state per rank."""
-    model = str(tiny_models.causal_lm)
-    with _trainer(tmp_path, storage_root, model, 2, parallel) as service:
-        with TrainerClient(service.target) as trainer:
-            two = _run(trainer, model, tmp_path)
-    one = one_rank["record"]
+def _assert_records(two: dict, one: dict) -> None:
+    """Two runs of :func:`_run` computed the same: losses, metrics, grad norms, outputs and
+    saved weights."""
     _assert_same(two, one)
     _assert_same(two["after"], one["after"])
     _assert_same(two["ppo"], one["ppo"])
@@ -221,6 +213,36 @@ def test_two_ranks_compute_what_one_rank_does(
     _assert_tensors(two["weights"], one["weights"])
     _assert_tensors(two["ppo"]["head"], one["ppo"]["head"])
     _assert_tensors(two["lora"]["weights"], one["lora"]["weights"])
+
+
+def test_packed_rows_train_exactly_as_padded_rows(serve, tiny_models, tmp_path):
+    """Initialize ``packing``: every row of every batch (SFT, DPO, the weighted policy
+    gradient, micro-batches, PPO's values, LoRA) in packed sequences, and the same losses,
+    metrics, grad norms, outputs and saved weights as right-padded rows."""
+    model, records = str(tiny_models.causal_lm), {}
+    for packing in (False, True):
+        (directory := tmp_path / ("packed" if packing else "padded")).mkdir()
+        with TrainerClient(serve("trainer", dtype="float32").target) as trainer:
+            records[packing] = _run(trainer, model, directory, packing=packing)
+    _assert_records(records[True], records[False])
+    assert records[True]["info"].packing and not records[False]["info"].packing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel,packing", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_ranks_compute_what_one_rank_does(
+    parallel, packing, one_rank, tiny_models, tmp_path, storage_root
+):
+    """SFT, DPO, the weighted policy gradient, a deferred reduction, PPO's value head and
+    LoRA: losses, metrics, grad norms, outputs and saved weights of 2 ranks equal 1 rank's
+    (padded; with ``packing`` the two ranks pack their shards); FSDP holds about half the
+    parameters and optimizer state per rank."""
+    model = str(tiny_models.causal_lm)
+    with _trainer(tmp_path, storage_root, model, 2, parallel) as service:
+        with TrainerClient(service.target) as trainer:
+            two = _run(trainer, model, tmp_path, packing=packing)
+    one = one_rank["record"]
+    _assert_records(two, one)
     info, whole = two["info"], one["info"]
     assert (info.world_size, info.parallel, info.dtype) == (2, parallel, "float32")
     assert (whole.world_size, whole.parallel) == (1, "none")

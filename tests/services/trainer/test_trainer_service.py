@@ -198,6 +198,9 @@ def test_bad_batches_and_losses_are_invalid_arguments(serve, tiny_models, dtype,
          r"schedule\.total_steps: 5 must exceed warmup_steps 5"),
         ({"model_path": "/no/such/model"}, r"model_path: "),
         ({"dtype": "int8"}, r"dtype: 'int8'"),
+        ({"packing": trainer_pb2.PackingConfig(max_tokens=1)},
+         r"packing\.max_tokens: 1 must be 0 \(chosen per batch\) or 2 \.\. 1048576"),
+        ({"packing": trainer_pb2.PackingConfig(max_tokens=(1 << 20) + 1)}, r"packing\.max_tokens"),
     ],
 )  # fmt: skip
 def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, fields, message):
@@ -212,6 +215,59 @@ def test_bad_initialize_requests_are_invalid_arguments(serve, tiny_models, field
     with TrainerClient(serve("trainer").target) as client:
         with pytest.raises(InvalidArgumentError, match=message):
             client._call("Initialize", request)
+
+
+def test_models_that_cannot_pack_are_refused_naming_packing(serve, tiny_models, tmp_path):
+    """An encoder classifier (it attends both ways), and a model whose packed forward differs
+    from its padded one (OPT takes its positions from the attention mask): Initialize fails
+    naming ``packing`` and the previous model stays."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(
+        vocab_size=200, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=0,
+    )).save_pretrained(tmp_path / "opt")  # fmt: skip
+    load_causal_lm(tiny_models.causal_lm).tokenizer.save_pretrained(tmp_path / "opt")
+    packing = trainer_pb2.PackingConfig()
+    with TrainerClient(serve("trainer").target) as client:
+        initialize(client, tiny_models.causal_lm)
+        for path, kind, message in (
+            (tiny_models.classifier, trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER,
+             "BertForSequenceClassification is an encoder classifier"),
+            (tmp_path / "opt", trainer_pb2.MODEL_KIND_CAUSAL_LM,
+             "OPTForCausalLM gives other logprobs packed than padded"),
+        ):  # fmt: skip
+            request = trainer_pb2.InitializeRequest(model_path=str(path), kind=kind,
+                                                    packing=packing)  # fmt: skip
+            with pytest.raises(InvalidArgumentError, match=f"packing: cannot pack .*{message}"):
+                client._call("Initialize", request)
+        info = client.info()
+        assert info.server.model.architecture == "LlamaForCausalLM" and not info.packing
+
+
+def test_a_decoder_reward_model_trains_packed_as_padded(serve, tiny_models):
+    """A causal LM loaded as a one-label classifier scores each row's last token; packed
+    rows give the padded rewards, Bradley-Terry losses and grad norms."""
+    pairs = batch([ROWS[0], ROWS[1][:4], ROWS[1], ROWS[0][:3]], [0, 0, 0, 0])
+    rewards = trainer_pb2.ForwardRequest(batch=pairs, outputs=[trainer_pb2.FORWARD_OUTPUT_REWARDS])
+    seen = {}
+    for packing in (None, trainer_pb2.PackingConfig(max_tokens=8)):
+        with TrainerClient(serve("trainer", dtype="float32").target) as client:
+            request = trainer_pb2.InitializeRequest(
+                model_path=str(tiny_models.causal_lm), optimizer=trainer_pb2.AdamWConfig(lr=1e-2),
+                kind=trainer_pb2.MODEL_KIND_SEQUENCE_CLASSIFIER, seed=1, packing=packing,
+            )  # fmt: skip
+            client._call("Initialize", request)
+            losses, norms = [], []
+            for _ in range(2):
+                losses.append(client._call(
+                    "ForwardBackward", trainer_pb2.ForwardBackwardRequest(batch=pairs, loss=BT)
+                ).loss)  # fmt: skip
+                norms.append(client._call("OptimStep", trainer_pb2.OptimStepRequest()).grad_norm)
+            scores = np.frombuffer(client._call("Forward", rewards).rewards.data, "<f4")
+            seen[packing is not None] = (losses, norms, scores)
+    for got, want in zip(seen[True], seen[False], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_an_initialize_without_dtype_takes_the_servers_dtype_setting(serve, tiny_models):
