@@ -190,15 +190,15 @@ def _assert_same(two: dict, one: dict) -> None:
     assert two["num_tokens"] == one["num_tokens"]
 
 
-def _assert_tensors(two: dict, one: dict) -> None:
+def _assert_tensors(two: dict, one: dict, atol: float = 1e-5) -> None:
     assert two.keys() == one.keys()
     for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=0)
+        torch.testing.assert_close(two[name], tensor, atol=atol, rtol=0)
 
 
-def _assert_records(two: dict, one: dict) -> None:
+def _assert_records(two: dict, one: dict, weights_atol: float = 1e-5) -> None:
     """Two runs of :func:`_run` computed the same: losses, metrics, grad norms, outputs and
-    saved weights."""
+    saved weights (to ``weights_atol``)."""
     _assert_same(two, one)
     _assert_same(two["after"], one["after"])
     _assert_same(two["ppo"], one["ppo"])
@@ -210,9 +210,9 @@ def _assert_records(two: dict, one: dict) -> None:
             np.testing.assert_allclose(got, want, atol=1e-5)
     for got, want in zip(two["ppo"]["values"], one["ppo"]["values"], strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    _assert_tensors(two["weights"], one["weights"])
-    _assert_tensors(two["ppo"]["head"], one["ppo"]["head"])
-    _assert_tensors(two["lora"]["weights"], one["lora"]["weights"])
+    _assert_tensors(two["weights"], one["weights"], weights_atol)
+    _assert_tensors(two["ppo"]["head"], one["ppo"]["head"], weights_atol)
+    _assert_tensors(two["lora"]["weights"], one["lora"]["weights"], weights_atol)
 
 
 def test_packed_rows_train_exactly_as_padded_rows(serve, tiny_models, tmp_path):
@@ -242,7 +242,9 @@ def test_two_ranks_compute_what_one_rank_does(
         with TrainerClient(service.target) as trainer:
             two = _run(trainer, model, tmp_path, packing=packing)
     one = one_rank["record"]
-    _assert_records(two, one)
+    # Sharded and packed against whole and padded: two sources of float rounding, which
+    # six AdamW steps at lr 1e-2 carry into the weights (1.2e-5 seen; 1e-5 each alone).
+    _assert_records(two, one, 2e-5 if packing else 1e-5)
     info, whole = two["info"], one["info"]
     assert (info.world_size, info.parallel, info.dtype) == (2, parallel, "float32")
     assert (whole.world_size, whole.parallel) == (1, "none")
