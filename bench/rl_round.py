@@ -64,6 +64,9 @@ Every process (the four services, each peer) gets ``OMP_NUM_THREADS`` torch thre
 else one per core: ``OMP_NUM_THREADS=1`` gives TRL's process one core and each alignd service
 one, so alignd's overlapped phases may use several cores at once where the machine has them.
 The services run as local child processes on 127.0.0.1 and are always stopped.
+``--weight-sync collective`` makes alignd's jobs push each round's weights over the collective
+transport (``weight_sync: {transport: collective}``, rendezvous on loopback) instead of the
+gRPC stream.
 
 ``--peer none`` runs alignd's side alone (no TRL ratios). Runs in the benchmark environment:
 
@@ -478,6 +481,8 @@ def job_config(algo: str, args, model: Path, prompts: dict, run_dir: Path, round
     rollout = {"prompts_per_round": args.prompts, "max_new_tokens": args.max_new_tokens,
                "temperature": 1.0, "scorer": "oracle", **extra.get("rollout", {})}  # fmt: skip
     extra = {k: v for k, v in extra.items() if k != "rollout"}
+    if args.weight_sync == "collective":  # the trainer listens on loopback, a free port a push
+        extra["weight_sync"] = {"transport": "collective", "rendezvous": "127.0.0.1:0"}
     common = dict(
         name=f"alignd-{algo}", run_dir=run_dir, model=str(model), seed=args.seed,
         max_length=160 + args.max_new_tokens, rounds=rounds + 1, rollout=rollout, data=data,
@@ -709,6 +714,8 @@ def parse_args() -> argparse.Namespace:
     add("--ppo-python", default=str(Path(__file__).resolve().parent.parent / ".venv-bench-ppo"
                                     / "bin" / "python"),
         help="Python of the environment with trl 1.12 (make setup-bench-ppo)")  # fmt: skip
+    add("--weight-sync", choices=["stream", "collective"], default="stream",
+        help="how alignd's jobs push each round's weights (the job's weight_sync.transport)")
     add("--seed", type=int, default=0)
     add("--quick", action="store_true", help="tiny settings (a smoke run)")
     add_device_argument(parser)
@@ -751,7 +758,8 @@ def main() -> int:
                     results[section] = modes(args, platform, model, prompts, work)
                 else:
                     results[section] = compare(section, args, platform, model, prompts, work)
-    print(f"\n{args.device}, threads {threads()} per process; start model: "
+    print(f"\n{args.device}, threads {threads()} per process; weights pushed by "
+          f"{args.weight_sync}; start model: "
           f"{'SFT, ' + str(args.sft_steps) + ' steps' if args.sft_steps else args.policy}; "
           f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
     for section, d in results.items():

@@ -219,8 +219,41 @@ class RolloutConfig(_Strict):
         return self
 
 
+class WeightSyncConfig(_Strict):
+    """How each round's weights reach the generation replicas (``PushWeights``)."""
+
+    transport: Literal["stream", "shared_path", "collective"] = "stream"
+    """``stream``: the weights go over gRPC to each replica. ``shared_path``: the trainer writes
+    them once under ``shared_path`` on a volume the replicas mount, and they read them from
+    there. ``collective``: the trainer listens at ``rendezvous`` and sends the tensors to each
+    replica over a ``torch.distributed`` group of two made for the push (gRPC carries only the
+    header, the version and the commit, so the swap stays atomic and versioned)."""
+    shared_path: str = ""
+    """With ``shared_path``: the directory to write to, inside the trainer's storage root and
+    mounted by every replica at the same path."""
+    rendezvous: str = ""
+    """With ``collective``: HOST:PORT the trainer listens on for the replicas (port 0 = a free
+    port each push); HOST must be the trainer's address as the replicas reach it."""
+    bucket_bytes: int = Field(0, ge=0, le=512 << 20)
+    """With ``collective``: most bytes sent at once; 0 = the trainer's default (256 MiB)."""
+
+    @model_validator(mode="after")
+    def _transport_fields(self) -> WeightSyncConfig:
+        needs = {"shared_path": "shared_path", "collective": "rendezvous"}
+        for transport, field in needs.items():
+            given = bool(getattr(self, field))
+            if given != (self.transport == transport):
+                raise ValueError(f"{field} goes with transport: {transport} (and only with it)")
+        if self.bucket_bytes and self.transport != "collective":
+            raise ValueError("bucket_bytes applies to transport: collective only")
+        return self
+
+
 class _OnlineConfig(JobConfig):
     """What the online jobs (PPO, GRPO/RLOO) share: rounds of sampling and training."""
+
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    """How the trainer pushes each round's weights to the generation replicas."""
 
     epochs: float | None = None
     """Not used by online jobs (refused when set): they run ``rounds`` rounds, capped by

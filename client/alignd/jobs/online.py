@@ -241,7 +241,11 @@ class _Online(Job):
         deadline, delay = time.monotonic() + self.config.retry_seconds, 0.5
         with self.phase("weight_sync"):
             while True:
-                results = self.call(self.trainer.push_weights, targets, version)
+                sync = self.config.weight_sync
+                results = self.call(
+                    self.trainer.push_weights, targets, version, shared_path=sync.shared_path,
+                    rendezvous=sync.rendezvous, bucket_bytes=sync.bucket_bytes,
+                )  # fmt: skip
                 done |= {r.address for r in results if r.ok}
                 failed = [r for r in results if not r.ok]
                 if not failed:

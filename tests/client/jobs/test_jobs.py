@@ -456,6 +456,39 @@ def test_online_rounds_sample_from_every_replica(serve, tmp_path):
         assert served >= logged  # the held-out evaluation samples from the first replica too
 
 
+def test_rounds_can_push_their_weights_over_the_collective_transport(serve, tmp_path):
+    """``weight_sync: {transport: collective}``: every round's weights reach both replicas by
+    ReceiveWeights (not UpdateWeights), and the rounds compute what rounds pushed over the
+    gRPC stream compute (deterministic mode: the same bits)."""
+    from service_metrics import request_codes
+
+    first, second, platform = _two_replicas(serve, {})
+
+    def config(name, **sync):
+        return GRPOConfig(
+            data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=2,
+            rollout={"prompts_per_round": 2, "max_new_tokens": 6, "scorer": "oracle"},
+            group_size=2, deterministic=True, weight_sync=sync, **common(tmp_path, name),
+        )  # fmt: skip
+
+    def numbers(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+    with platform:
+        stream = run(config("stream"), platform)
+        before = [request_codes(s, "UpdateWeights").get("OK", 0) for s in (first, second)]
+        collective = run(config("collective", transport="collective",
+                                rendezvous="127.0.0.1:0"), platform)  # fmt: skip
+    assert numbers(collective) == numbers(stream)
+    for server, updates in zip((first, second), before, strict=True):
+        assert request_codes(server, "ReceiveWeights").get("OK", 0) == 3  # v1, then 2 rounds
+        assert request_codes(server, "UpdateWeights").get("OK", 0) == updates
+    with pytest.raises(ValidationError, match="rendezvous goes with transport: collective"):
+        config("refused", rendezvous="127.0.0.1:0")
+    with pytest.raises(ValidationError, match="bucket_bytes applies to transport: collective"):
+        config("refused", transport="shared_path", shared_path="/x", bucket_bytes=1024)
+
+
 def test_a_replica_that_fails_mid_round_has_its_share_sent_to_the_other(
     serve, tmp_path, monkeypatch
 ):
