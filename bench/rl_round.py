@@ -715,7 +715,7 @@ def parse_args() -> argparse.Namespace:
                                     / "bin" / "python"),
         help="Python of the environment with trl 1.12 (make setup-bench-ppo)")  # fmt: skip
     add("--weight-sync", choices=["stream", "collective"], default="stream",
-        help="how alignd's jobs push each round's weights (the job's weight_sync.transport)")
+        help="how alignd's jobs push each round's weights (weight_sync.transport)")  # fmt: skip
     add("--seed", type=int, default=0)
     add("--quick", action="store_true", help="tiny settings (a smoke run)")
     add_device_argument(parser)
