@@ -141,19 +141,31 @@ def steps_of(pairs: list[tuple[list[int], list[int], int]], batch: int) -> list[
     return steps
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, all its threads; None = this
+    process."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Interleave(TrainerCallback):
-    """Times each TRL step, then runs ``between(step)`` (the service's step) before the next."""
+    """Times each TRL step (wall and CPU seconds of this process, where TRL runs), then runs
+    ``between(step)`` (the service's step) before the next."""
 
     def __init__(self, between: Callable[[int], None]) -> None:
         self.between = between
         self.times: list[float] = []
-        self._start = 0.0
+        self.cpu: list[float] = []
+        self._start = self._cpu = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), cpu_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+        self.cpu.append(cpu_seconds() - self._cpu)
         self.between(len(self.times) - 1)
 
 
@@ -185,19 +197,25 @@ class Turns:
 
 
 class ServiceSteps:
-    """The service side: ForwardBackward(loss) + OptimStep per step, timed from the client."""
+    """The service side: ForwardBackward(loss) + OptimStep per step, timed from the client,
+    and the CPU seconds the service process ``pid`` spent on it (when given)."""
 
-    def __init__(self, client: TrainerClient, batches: list[TrainBatch], loss) -> None:
-        self.client, self.batches, self.loss = client, batches, loss
+    def __init__(self, client: TrainerClient, batches: list[TrainBatch], loss,
+                 pid: int | None = None) -> None:  # fmt: skip
+        self.client, self.batches, self.loss, self.pid = client, batches, loss, pid
         self.times: list[float] = []
+        self.cpu: list[float] = []
         self.losses: list[float] = []
 
     def __call__(self, step: int) -> None:
         batch = self.batches[step % len(self.batches)]
+        cpu = cpu_seconds(self.pid) if self.pid else 0.0
         start = time.perf_counter()
         result = self.client.forward_backward(batch, self.loss)
         self.client.optim_step()
         self.times.append(time.perf_counter() - start)
+        if self.pid:
+            self.cpu.append(cpu_seconds(self.pid) - cpu)
         self.losses.append(result.loss)
 
     def run(self, count: int) -> None:
@@ -241,7 +259,8 @@ def check_trl_rows(dataset, rows: list[tuple[list[int], list[int], int]], max_le
             raise RuntimeError(f"pair {i}: TRL's token ids differ from the service's")
 
 
-def dpo(args: argparse.Namespace, trainer: TrainerClient, packing: TrainerClient, out: str) -> dict:
+def dpo(args: argparse.Namespace, trainer: TrainerClient, packing: TrainerClient, out: str,
+        pids: tuple[int, int]) -> dict:  # fmt: skip
     """The DPO side by side: the service with padded rows (``trainer``) and with packed rows
     (``packing``), and TRL; returns the step times, the losses, the tokens per step and N."""
     path = resolve_model(args.policy)
@@ -256,16 +275,16 @@ def dpo(args: argparse.Namespace, trainer: TrainerClient, packing: TrainerClient
     ]
     init = trainer.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
     packing.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0, packing=True)
-    service = ServiceSteps(trainer, batches, losses.DPO(beta=BETA))
-    packed = ServiceSteps(packing, batches, losses.DPO(beta=BETA))
-    peer = {"trl": [], "ref_diff": None}
+    service = ServiceSteps(trainer, batches, losses.DPO(beta=BETA), pids[0])
+    packed = ServiceSteps(packing, batches, losses.DPO(beta=BETA), pids[1])
+    peer = {"trl": [], "trl_cpu": [], "ref_diff": None}
     if args.peer == "trl":
         peer = dpo_peer(args, loaded, pairs, rows, ref, Turns(service, packed), out)
     else:
         Turns(service, packed).run(args.warmup + args.steps)
     return {
         **peer, "service": service.times, "losses": service.losses, "packed": packed.times,
-        "packed_losses": packed.losses,
+        "packed_losses": packed.losses, "service_cpu": service.cpu, "packed_cpu": packed.cpu,
         "tokens": [sum(len(r) for r in steps[i % len(steps)].rows)
                    for i in range(len(service.times))],
         "params": init.trainable_parameters,
@@ -293,7 +312,7 @@ def dpo_peer(args, loaded, pairs: Pairs, rows, ref, service: Turns, out: str) ->
                            np.concatenate([r[args.batch :] for r in ref])])  # fmt: skip
     ref_diff = float(np.abs(ours - trl_ref).max())
     peer.train()
-    return {"trl": timer.times, "ref_diff": ref_diff}
+    return {"trl": timer.times, "trl_cpu": timer.cpu, "ref_diff": ref_diff}
 
 
 def reward_model(args: argparse.Namespace, trainer: TrainerClient, out: str) -> dict:
@@ -472,7 +491,8 @@ def main() -> int:
         TrainerClient(service.target, timeout=3600) as trainer,
         TrainerClient(packing_service.target, timeout=3600) as packing,
     ):
-        d = dpo(args, trainer, packing, out)
+        d = dpo(args, trainer, packing, out,
+                (service.process.pid, packing_service.process.pid))  # fmt: skip
         packing.close()
         packing_service.stop()  # its memory is not needed for the reward model
         r = reward_model(args, trainer, out)
@@ -480,6 +500,8 @@ def main() -> int:
     w = args.warmup
     dpo_s, rm_s = statistics.median(d["service"][w:]), statistics.median(r["service"][w:])
     packed_s = statistics.median(d["packed"][w:])
+    cpu = {side: statistics.median(d[f"{side}_cpu"][w:])
+           for side in ("service", "packed", "trl") if d[f"{side}_cpu"]}  # fmt: skip
     flops = 6 * d["params"] * sum(d["tokens"][w:])  # 6 · N · real tokens, over the timed steps
     achieved = flops / sum(d["service"][w:])
     achieved_packed = flops / sum(d["packed"][w:])
@@ -503,6 +525,7 @@ def main() -> int:
     rows = [
         (f"DPO {policy}, service ForwardBackward + OptimStep", dpo_s, "s/step"),
         (f"DPO {policy}, service, packed rows", packed_s, "s/step"),
+        *((f"DPO {side}, CPU seconds per step", seconds, "CPU s") for side, seconds in cpu.items()),
         (f"RM {reward}, service ForwardBackward + OptimStep", rm_s, "s/step"),
         ("DPO real tokens per step (mean)", statistics.mean(d["tokens"][w:]), "tokens"),
         ("DPO service achieved, 6 · N · tokens / (s/step)", achieved / 1e9, "GFLOP/s"),
@@ -511,16 +534,19 @@ def main() -> int:
     ]
     ratios = {
         "DPO service packed / padded, s/step": packed_s / dpo_s,
+        "DPO service packed / padded, CPU s/step": cpu["packed"] / cpu["service"],
         "DPO service achieved FLOP/s / matmul FLOP/s": achieved / peak,
         "DPO service packed achieved FLOP/s / matmul FLOP/s": achieved_packed / peak,
     }
     if args.peer == "trl":
         dpo_t, rm_t = statistics.median(d["trl"][w:]), statistics.median(r["trl"][w:])
         rows[1:1] = [(f"DPO {policy}, TRL DPOTrainer (precomputed ref log-probs)", dpo_t, "s/step")]
-        rows[4:4] = [(f"RM {reward}, TRL RewardTrainer", rm_t, "s/step")]
+        at = next(i for i, row in enumerate(rows) if row[0].startswith("RM ")) + 1
+        rows[at:at] = [(f"RM {reward}, TRL RewardTrainer", rm_t, "s/step")]
         ratios = {
             "DPO service / TRL, s/step (target <= 1.0)": dpo_s / dpo_t,
             "DPO service packed / TRL, s/step (target <= 0.5)": packed_s / dpo_t,
+            "DPO service packed / TRL, CPU s/step": cpu["packed"] / cpu["trl"],
             "RM service / TRL, s/step (target <= 1.0)": rm_s / rm_t,
             **ratios,
         }
