@@ -103,3 +103,26 @@ def test_models_packing_cannot_reproduce_are_named() -> None:
         num_attention_heads=2, num_key_value_heads=1, head_dim=8))  # fmt: skip
     assert "final_logit_softcapping" in packable(gemma, classifier=False)
     assert packable(llama(), classifier=False) is None
+
+
+def test_the_trainer_packs_by_the_estimated_work_or_as_told(tiny_models) -> None:
+    """The capacity per batch minimises n · W · (1 + W / span) over the candidates; with a
+    variable-length kernel every row goes together; ``packing_tokens`` (at least the longest
+    row) when set."""
+    from alignd_server.trainer.engine import InitSpec, TrainerEngine
+
+    # Candidates 10, 14, 20, 25: [10] [6 3] [6] (3 × 10), [10 3] [6 6] (2 × 13),
+    # [10 6 3] [6] (2 × 19), all (1 × 25).
+    lengths = [10, 6, 6, 3]
+    engine = TrainerEngine(InitSpec(path=str(tiny_models.causal_lm), kind="causal_lm",
+                                    packing=True))  # fmt: skip
+    assert engine.attention_span > 1
+    for span, capacity in ((1e9, 25), (1e-9, 10), (50.0, 14)):
+        # span 50: 30 · 1.2 = 36, 26 · 1.26 = 32.8, 38 · 1.38 = 52.4, 25 · 1.5 = 37.5
+        engine.attention_span = span
+        assert engine.capacity(lengths) == capacity, span
+    engine.varlen = True
+    assert engine.capacity(lengths) == 25
+    for tokens, capacity in ((4, 10), (20, 20)):
+        engine.spec.packing_tokens = tokens
+        assert engine.capacity(lengths) == capacity
