@@ -134,6 +134,34 @@ def test_weight_update_round_trip(server, policy):
         np.testing.assert_array_equal(a[0].logprobs, b[0].logprobs)
 
 
+def test_weights_received_over_the_collective_transport_serve_as_streamed_ones(server, policy):
+    """ReceiveWeights (the trainer's collective push, on loopback) swaps in exactly what
+    UpdateWeights swaps in: the same greedy tokens and log-probs, under the new version."""
+    import asyncio
+
+    from alignd_server.trainer.config import TrainerSettings
+    from alignd_server.trainer.push import push_collective
+
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    weights = perturbed(policy)
+    originals = {n: p.detach().numpy().copy() for n, p in policy.model.named_parameters()}
+    with GenerationClient(server.target) as client:
+        client.update_weights(weights, version=1)
+        streamed = client.generate(CHATS, greedy)
+        client.update_weights(originals, version=2)
+        (result,) = asyncio.run(push_collective(
+            weights, [server.target], 3, 120.0, ("127.0.0.1", 0), 1 << 20, TrainerSettings()
+        ))  # fmt: skip
+        assert result.ok, result.error
+        assert result.bytes == sum(w.nbytes for w in weights.values())
+        received = client.generate(CHATS, greedy)
+        assert client.info().weights_version == 3
+    for a, b in zip(streamed, received, strict=True):
+        assert b[0].weights_version == 3
+        assert a[0].token_ids.tolist() == b[0].token_ids.tolist()
+        np.testing.assert_array_equal(a[0].logprobs, b[0].logprobs)
+
+
 def test_hf_engine_updates_a_tied_weight_under_either_of_its_names(serve, policy):
     """The tiny model ties lm_head.weight to model.embed_tokens.weight: an update naming either
     replaces the one tensor both are."""
