@@ -557,6 +557,62 @@ def test_the_collective_transport_gives_replicas_what_the_stream_gives(serve, ti
         np.testing.assert_array_equal(logprobs, served[0][1])
 
 
+@pytest.mark.slow
+def test_a_replica_killed_mid_transfer_fails_its_push_within_the_deadline(
+    serve, tiny_models, tmp_path, monkeypatch
+):
+    """A replica process killed (SIGKILL) after the collective transfer began: the push
+    answers that target UNAVAILABLE well within its timeout, no sender is left waiting, and
+    the trainer pushes to a live replica next."""
+    import threading
+
+    from alignd.local import LocalService
+    from alignd_server.common import collective
+
+    started, dead = threading.Event(), threading.Event()
+    original = collective._broadcast
+
+    def broadcast(group, tensor, timeout):  # the trainer's side: pause after the first bucket
+        original(group, tensor, timeout)
+        if not started.is_set():
+            started.set()
+            assert dead.wait(120)
+
+    replica = LocalService("generation", ["--storage-root", str(tmp_path)],
+                           model=str(tiny_models.causal_lm), metrics_port=-1,
+                           log_file=tmp_path / "replica.log")  # fmt: skip
+    live = serve("generation")
+    with replica:
+        trainer = serve("trainer", push_targets=[replica.target, live.target])
+        with TrainerClient(trainer.target) as client:
+            initialize(client, tiny_models.causal_lm)
+            monkeypatch.setattr(collective, "_broadcast", broadcast)
+
+            def kill() -> None:
+                if started.wait(120):
+                    replica.process.kill()
+                    replica.process.wait()
+                dead.set()
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+            (result,) = client.push_weights(
+                [replica.target], 1, timeout_seconds=60, rendezvous="127.0.0.1:0",
+                bucket_bytes=1024,
+            )  # fmt: skip
+            killer.join(130)
+            assert started.is_set() and replica.process.returncode is not None
+            assert not result.ok and result.error.startswith("UNAVAILABLE"), result.error
+            assert result.seconds < 60
+            senders = [t for t in threading.enumerate() if t.name.startswith("collective-push")]
+            for sender in senders:  # its peer is gone: it fails, rather than wait its timeout
+                sender.join(30)
+                assert not sender.is_alive(), "a sender still waits on the killed replica"
+            monkeypatch.setattr(collective, "_broadcast", original)
+            (after,) = client.push_weights([live.target], 1, rendezvous="127.0.0.1:0")
+            assert after.ok, after.error
+
+
 def test_a_rendezvous_the_trainer_cannot_listen_on_fails_the_push_by_name(serve, tiny_models):
     from alignd.errors import FailedPreconditionError
 
