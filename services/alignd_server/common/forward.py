@@ -252,7 +252,9 @@ class PackedBatch:
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Rows (by index) grouped so that each group's lengths sum to at most ``capacity``, by
     first-fit decreasing; a row longer than ``capacity`` is a group of its own. Rows keep
-    their order within a group."""
+    their order within a group. (transformers' ``DataCollatorWithFlattening`` only lays a
+    whole batch in one sequence, which under dense attention costs the square of the batch's
+    tokens; bounded groups keep that cost to the square of each group's.)"""
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):

@@ -401,14 +401,14 @@ class TrainerEngine:
         prompts = torch.as_tensor(batch.prompts, device=self.device)
         if packed:
             cap = capacity or self.capacity([len(r) for r in batch.rows])
-            rows, tensors = pack_rows(batch.rows, pad, cap, self.device), (None, None, None)
+            packing, tensors = pack_rows(batch.rows, pad, cap, self.device), (None, None, None)
         else:
-            rows, tensors = None, pad_right(batch.rows, pad, self.device)
+            packing, tensors = None, pad_right(batch.rows, pad, self.device)
         with torch.set_grad_enabled(grad), self._autocast():
             out = (module or self.network)(
                 *tensors, prompts, classifier=self.spec.kind == SEQUENCE_CLASSIFIER,
                 temperature=temperature, entropy="entropy" in needs,
-                mean_logprobs="mean_logprobs" in needs, values="values" in needs, packed=rows,
+                mean_logprobs="mean_logprobs" in needs, values="values" in needs, packed=packing,
             )  # fmt: skip
         return {k: v.float() if v is not None else None for k, v in out.items()}
 
@@ -556,8 +556,7 @@ def _attention_span(model: torch.nn.Module) -> float:
     config = model.config
     hidden = getattr(config, "hidden_size", None) or 768
     heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else hidden)
-    width = (heads or 1) * head_dim if heads else hidden
+    width = heads * (getattr(config, "head_dim", None) or hidden // heads) if heads else hidden
     blocks = _blocks(model)
     weights = sum(p.numel() for p in blocks[0].parameters()) if blocks else 12 * hidden**2
     return max(weights / (2 * width), 1.0)
