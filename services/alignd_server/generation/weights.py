@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -58,6 +59,11 @@ def check_complete(names: set[str], params: dict[str, torch.nn.Parameter], field
 def check_finite(tensors: dict[str, torch.Tensor], field: Callable[[str], str]) -> None:
     """Every tensor must be floating point and finite.
 
+    A tensor whose sum is finite holds no NaN or infinity (either would make the sum NaN or
+    infinite), so one vectorised reduction per tensor clears almost every update; only a
+    tensor whose sum is not finite — a bad value, or finite values whose sum overflows — is
+    checked element by element, in bounded slices.
+
     Args:
         tensors: the update, by parameter name.
         field: the request field that carried a tensor, by its name (for errors).
@@ -68,6 +74,8 @@ def check_finite(tensors: dict[str, torch.Tensor], field: Callable[[str], str]) 
     for name, tensor in tensors.items():
         if not tensor.dtype.is_floating_point:
             raise InvalidArgument(field(name), f"{name!r} is {tensor.dtype}, not floating point")
+        if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+            continue
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
             if not bool(torch.isfinite(flat[start : start + FINITE_CHECK_ELEMENTS]).all()):
@@ -115,7 +123,10 @@ class StreamAssembler:
         self.params = params
         self.serving_version = serving_version
         self.header: generation_pb2.WeightsHeader | None = None
-        self.buffers: dict[str, bytearray] = {}
+        # Uninitialised: every byte is written before the commit is accepted, and zeroing
+        # the whole update first would cost as much as a copy of it.
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[str, np.ndarray] = {}  # the same memory, for the chunks' bytes
         self.received: dict[str, int] = {}
         self.specs: dict[str, generation_pb2.TensorSpec] = {}
         self.index: dict[str, int] = {}  # name -> position in the header
@@ -162,7 +173,8 @@ class StreamAssembler:
             size = TORCH_DTYPES[spec.dtype].itemsize * self.params[spec.name].numel()
             self.specs[spec.name] = spec
             self.index[spec.name] = i
-            self.buffers[spec.name] = bytearray(size)
+            self.buffers[spec.name] = torch.empty(size, dtype=torch.uint8)
+            self.views[spec.name] = self.buffers[spec.name].numpy()
             self.received[spec.name] = 0
         if not header.partial:
             check_complete(set(self.specs), self.params, "header.tensors")
@@ -171,13 +183,16 @@ class StreamAssembler:
     def take_all(self, fill: Callable[[list[torch.Tensor]], int]) -> dict[str, torch.Tensor]:
         """The collective transport: ``fill`` writes every declared tensor's bytes at once
         into the buffers (flat uint8 tensors, in header order) and returns the bytes written;
-        then the update is committed as a stream's commit would be."""
-        buffers = [torch.frombuffer(self.buffers[s.name], dtype=torch.uint8)
-                   if self.buffers[s.name] else torch.empty(0, dtype=torch.uint8)
-                   for s in self.header.tensors]  # fmt: skip
-        self.total = fill(buffers)
+        then the update is committed as a stream's commit would be.
+
+        The buffers are touched first (a multithreaded fill): the kernel's socket copy into
+        pages not yet mapped faults them in one by one, which took the transfer from 0.3 s to
+        0.7 s for SmolLM2's 538 MB, against 0.15 s for the fill."""
+        for buffer in self.buffers.values():
+            buffer.fill_(0)
+        self.total = fill([self.buffers[spec.name] for spec in self.header.tensors])
         for name, buffer in self.buffers.items():
-            self.received[name] = len(buffer)
+            self.received[name] = buffer.numel()
         return self._commit(generation_pb2.WeightsCommit(total_bytes=self.total))
 
     def _chunk(self, index: int, chunk: generation_pb2.TensorChunk) -> None:
@@ -186,31 +201,29 @@ class StreamAssembler:
             raise InvalidArgument(f"{field}.name", f"{chunk.name!r} is not in the header")
         if len(chunk.data) > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"{field}.data", f"{len(chunk.data)} bytes, limit 4 MiB")
-        buffer, offset = self.buffers[chunk.name], self.received[chunk.name]
+        buffer, offset = self.views[chunk.name], self.received[chunk.name]
         if chunk.offset != offset:
             raise InvalidArgument(f"{field}.offset", f"{chunk.offset}, expected {offset}")
         if offset + len(chunk.data) > len(buffer):
             raise InvalidArgument(
                 f"{field}.data", f"runs past the end of {chunk.name!r} ({len(buffer)} bytes)"
             )
-        buffer[offset : offset + len(chunk.data)] = chunk.data
+        buffer[offset : offset + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
         self.received[chunk.name] = offset + len(chunk.data)
         self.total += len(chunk.data)
 
     def _commit(self, commit: generation_pb2.WeightsCommit) -> dict[str, torch.Tensor]:
         for name, buffer in self.buffers.items():
-            if self.received[name] != len(buffer):
+            if self.received[name] != buffer.numel():
                 raise InvalidArgument(
-                    "commit", f"{name!r} has {self.received[name]} of {len(buffer)} bytes"
+                    "commit", f"{name!r} has {self.received[name]} of {buffer.numel()} bytes"
                 )
         if commit.total_bytes != self.total:
             raise InvalidArgument(
                 "commit.total_bytes", f"{commit.total_bytes}, but {self.total} bytes arrived"
             )
         return {
-            name: torch.frombuffer(self.buffers[name], dtype=TORCH_DTYPES[spec.dtype]).reshape(
-                tuple(spec.shape)
-            )
+            name: self.buffers[name].view(TORCH_DTYPES[spec.dtype]).reshape(tuple(spec.shape))
             for name, spec in self.specs.items()
         }
 

@@ -59,6 +59,18 @@ def test_non_finite_weights_are_refused_before_the_commit(server, bad):
         unchanged(client, before)
 
 
+@pytest.mark.parametrize("wire", [np.float32, np.float16])
+def test_finite_weights_whose_sum_overflows_are_accepted(server, wire):
+    """The finiteness check sums each tensor first; a sum that overflows is not a bad value,
+    and the element-by-element check that follows lets the update through."""
+    tensor = np.full(64, np.finfo(wire).max / 2, wire)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(tensor.sum(dtype=wire))
+    with GenerationClient(server.target) as client:
+        client.update_weights({NORM: tensor}, version=1, partial=True)
+        assert client.info().weights_version == 1
+
+
 def test_load_weights_refuses_bad_files_and_paths_outside_the_root(server, tmp_path):
     outside = tmp_path.parent.parent
     cases = {
