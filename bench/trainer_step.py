@@ -30,7 +30,8 @@ threads than cores give steadier numbers (``OMP_NUM_THREADS=1``).
 ``--parallel`` compares instead the trainer service's DPO step at 1 rank, 2 ranks ``ddp`` and
 2 ranks ``fsdp`` (three services, taking turns step by step): seconds per step and, per rank,
 the parameter and optimizer bytes the service reports and each rank process's peak resident
-memory (VmHWM). On 2 cores the speed-up is bounded; the memory is the point.
+memory (VmHWM), after Initialize and at the end. On 2 cores the speed-up is bounded; the
+memory is the point.
 
 ``--device cuda`` puts both sides (the trainer and reference services, TRL's trainer) and the
 matmul on the GPU, still in float32. ``--peer none`` runs the service's steps alone (where TRL
@@ -390,13 +391,15 @@ def parallel_modes(args: argparse.Namespace, flags: list[str]) -> int:
     modes = {"1 rank": ["--nproc", "1"],
              "2 ranks ddp": ["--nproc", "2", "--parallel", "ddp"],
              "2 ranks fsdp": ["--nproc", "2", "--parallel", "fsdp"]}  # fmt: skip
-    sides, pids = {}, {}
+    sides, pids, loading = {}, {}, {}
     with ExitStack() as stack:
         for name, extra in modes.items():
             service = stack.enter_context(LocalService(
                 "trainer", [*flags, *extra, "--master-port", str(free_port())]))  # fmt: skip
             client = stack.enter_context(TrainerClient(service.target, timeout=3600))
             client.initialize(str(path), "causal_lm", lr=LR, max_grad_norm=1.0, seed=0)
+            # Before any step: what loading the model took (FSDP: rank 0 alone reads it).
+            loading[name] = [_peak_rss(p) for p in _ranks(service.process.pid)]
             sides[name] = ServiceSteps(client, batches, losses.DPO(beta=BETA))
             pids[name] = service.process.pid
         for step in range(args.warmup + args.steps):
@@ -419,6 +422,8 @@ def parallel_modes(args: argparse.Namespace, flags: list[str]) -> int:
             (f"{name}: optimizer state per rank", max(info[name].optimizer_bytes) / mib, "MiB"),
             (f"{name}: peak resident memory per rank (max)", max(rss[name]) / mib, "MiB"),
         ]
+        rows += [(f"{name}: peak resident memory after Initialize, rank {rank}", held / mib, "MiB")
+                 for rank, held in enumerate(loading[name])]  # fmt: skip
     one = statistics.median(sides["1 rank"].times[w:])
     ratios = {
         f"{name} / 1 rank, s/step": statistics.median(side.times[w:]) / one

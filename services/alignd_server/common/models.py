@@ -149,8 +149,11 @@ def load_tokenizer(path: Path | str) -> Any:
 
 
 def _finish(model: Any, tokenizer: Any, path: Path, device: str) -> LoadedModel:
-    """Move to ``device``, switch to eval mode and describe the result."""
-    model.to(device).eval()
+    """Move to ``device`` (a model on the meta device stays there), switch to eval mode and
+    describe the result."""
+    if model.device.type != "meta":
+        model.to(device)
+    model.eval()
     if model.config.pad_token_id is None:
         # Sequence classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -178,13 +181,17 @@ def _positions(config: Any) -> int | None:
     return None
 
 
-def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_causal_lm(
+    path: Path | str, *, dtype: str = "float32", device: str = "cpu", meta: bool = False
+) -> LoadedModel:
     """Load a causal LM (policy or reference) and its tokenizer from a local directory.
 
     Args:
         path: a Hugging Face model directory with safetensors weights.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         device: torch device, e.g. ``cpu`` or ``cuda:0``.
+        meta: build the model from its config on the meta device, reading no weights (the
+            FSDP ranks that receive their shards from rank 0).
 
     Raises:
         ValueError: missing directory, no config or safetensors, bad dtype or device.
@@ -192,9 +199,14 @@ def load_causal_lm(path: Path | str, *, dtype: str = "float32", device: str = "c
     path = _check_dir(path)
     torch_dtype, device = resolve_dtype(dtype), _check_device(device)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, use_safetensors=True, **_LOCAL
-    )
+    if meta:
+        config = AutoConfig.from_pretrained(path, **_LOCAL)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, **_LOCAL
+        )
     return _finish(model, tokenizer, path, device)
 
 
@@ -216,7 +228,7 @@ def _classifier_head(path: Path) -> bool:
 
 
 def load_sequence_classifier(
-    path: Path | str, *, dtype: str = "float32", device: str = "cpu"
+    path: Path | str, *, dtype: str = "float32", device: str = "cpu", meta: bool = False
 ) -> LoadedModel:
     """Load a scalar sequence classifier (reward model) and its tokenizer.
 
@@ -228,6 +240,7 @@ def load_sequence_classifier(
         path: a Hugging Face model directory with safetensors weights.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         device: torch device, e.g. ``cpu`` or ``cuda:0``.
+        meta: build the model from its config on the meta device, reading no weights.
 
     Raises:
         ValueError: missing directory, no config or safetensors, a classifier with more than
@@ -237,6 +250,11 @@ def load_sequence_classifier(
     torch_dtype, device = resolve_dtype(dtype), _check_device(device)
     has_head = _classifier_head(path)
     tokenizer = load_tokenizer(path)
+    if meta:
+        config = AutoConfig.from_pretrained(path, num_labels=1, **_LOCAL)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype)
+        return _finish(model, tokenizer, path, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         model = AutoModelForSequenceClassification.from_pretrained(

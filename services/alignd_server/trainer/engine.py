@@ -183,15 +183,26 @@ def local_bytes(tensors) -> int:
     return total
 
 
+def load_model(spec: InitSpec, device: str, meta: bool = False) -> LoadedModel:
+    """The model ``spec`` names, in float32 on ``device``; with ``meta``, its structure only
+    (on the meta device, no weights read: an FSDP rank that gets its shards from rank 0)."""
+    load = load_sequence_classifier if spec.kind == SEQUENCE_CLASSIFIER else load_causal_lm
+    return load(spec.path, dtype="float32", device=device, meta=meta)
+
+
 class TrainerEngine:
     """A loaded model with AdamW, a schedule and accumulated gradients.
 
     ``parallel`` is how the model is spread over the ranks of the initialized process group
     (``none`` for one process; see the module docstring). The model is held in float32;
-    ``spec.dtype`` is the compute dtype.
+    ``spec.dtype`` is the compute dtype. ``loaded`` is the model when the caller loaded it
+    (:func:`load_model`; under FSDP, on the meta device on every rank but 0).
     """
 
-    def __init__(self, spec: InitSpec, device: str = "cpu", parallel: str = "none") -> None:
+    def __init__(
+        self, spec: InitSpec, device: str = "cpu", parallel: str = "none",
+        loaded: LoadedModel | None = None,
+    ) -> None:  # fmt: skip
         if parallel not in PARALLEL_MODES:
             raise InvalidArgument("parallel", f"{parallel!r} is not one of {PARALLEL_MODES}")
         torch.manual_seed(spec.seed)
@@ -199,13 +210,9 @@ class TrainerEngine:
         self.device = device
         self.parallel = parallel
         self.compute_dtype = DTYPES[spec.dtype]
-        if spec.kind == SEQUENCE_CLASSIFIER:
-            self.loaded: LoadedModel = load_sequence_classifier(
-                spec.path, dtype="float32", device=device
-            )
-        else:
-            self.loaded = load_causal_lm(spec.path, dtype="float32", device=device)
+        self.loaded: LoadedModel = loaded or load_model(spec, device)
         self.model = self.loaded.model
+        meta = self.model.device.type == "meta"
         if spec.lora is not None:
             lora.apply(self.model, spec.lora, spec.seed)
         if spec.gradient_checkpointing:
@@ -216,7 +223,9 @@ class TrainerEngine:
         self.value_head: torch.nn.Linear | None = None
         if spec.kind == CAUSAL_LM_VALUE:
             hidden = self.model.config.hidden_size
-            self.value_head = torch.nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
+            self.value_head = torch.nn.Linear(
+                hidden, 1, device="meta" if meta else device, dtype=torch.float32
+            )
             torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
             torch.nn.init.zeros_(self.value_head.bias)
         self.network = Network(self.model, self.value_head)
@@ -320,6 +329,8 @@ class TrainerEngine:
                 )
             if self.spec.lora is not None:
                 lora.check_shardable(self.model)
+            rank0 = torch.distributed.get_rank() == 0
+            whole = self.network.state_dict() if rank0 else {}  # held until broadcast
             for block in _blocks(self.model):
                 fully_shard(block, mp_policy=policy)
             fully_shard(self.network, mp_policy=policy)
@@ -327,8 +338,28 @@ class TrainerEngine:
                 if isinstance(module, FSDPModule):
                     module.set_force_sum_reduction_for_comms(True)
                     module.set_gradient_divide_factor(1.0)  # sum: the losses are weighted
+            self._distribute(whole)
             return self.network
         return self.network
+
+    def _distribute(self, whole: dict[str, torch.Tensor]) -> None:
+        """FSDP: the other ranks built the network on the meta device; rank 0, which loaded
+        the weights (``whole``, its state_dict from before sharding), broadcasts them and
+        every rank keeps its shards (``set_model_state_dict`` with ``broadcast_from_rank0``:
+        one tensor in flight at a time). Buffers are broadcast too — rotary frequencies and
+        other non-persistent buffers are in no state_dict, and ``to_empty`` leaves them
+        uninitialised."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        if any(p.device.type == "meta" for p in self.network.parameters()):
+            self.network.to_empty(device=self.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.network, whole, options=options)
+        for buffer in self.network.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     @property
     def sharded(self) -> bool:

@@ -30,6 +30,7 @@ leaves the group waiting in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,7 +53,7 @@ from alignd_server.common.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from alignd_server.common.models import use_deterministic_algorithms
+from alignd_server.common.models import LoadedModel, use_deterministic_algorithms
 from alignd_server.common.server import configure_logging
 from alignd_server.trainer import checkpoint, push, restore
 from alignd_server.trainer.config import (
@@ -60,7 +61,7 @@ from alignd_server.trainer.config import (
     TrainerSettings,
     settings_environment,
 )
-from alignd_server.trainer.engine import Batch, InitSpec, TrainerEngine
+from alignd_server.trainer.engine import Batch, InitSpec, TrainerEngine, load_model
 from alignd_server.trainer.lora import LoraSpec
 from alignd_server.trainer.losses import SPECS, LossOutput
 
@@ -319,11 +320,12 @@ def _spec(data: dict) -> InitSpec:
     return InitSpec(**{**data, "betas": tuple(data["betas"]), "lora": lora})
 
 
-def build_engine(spec: InitSpec, device: str, parallel: str) -> TrainerEngine:
-    """A new engine for ``spec``; a model that cannot be loaded is INVALID_ARGUMENT naming
-    ``model_path`` (the caller keeps its previous engine)."""
+@contextlib.contextmanager
+def _model_errors():
+    """A model that cannot be loaded is INVALID_ARGUMENT naming ``model_path``; one that does
+    not fit is RESOURCE_EXHAUSTED."""
     try:
-        return TrainerEngine(spec, device, parallel)
+        yield
     except AligndError:
         raise
     except torch.OutOfMemoryError as err:
@@ -333,10 +335,28 @@ def build_engine(spec: InitSpec, device: str, parallel: str) -> TrainerEngine:
         raise InvalidArgument("model_path", f"cannot load a model from it: {detail}") from None
 
 
+def build_engine(
+    spec: InitSpec, device: str, parallel: str, loaded: LoadedModel | None = None
+) -> TrainerEngine:
+    """A new engine for ``spec`` (on ``loaded`` when given); failures as
+    :func:`_model_errors` maps them (the caller keeps its previous engine)."""
+    with _model_errors():
+        return TrainerEngine(spec, device, parallel, loaded)
+
+
 def _initialize(group: Group, spec: InitSpec, parallel: str) -> TrainerEngine:
-    engine, error = None, None
+    """Every rank builds the engine. Under FSDP only rank 0 reads the weights (the others
+    build the model on the meta device and receive their shards from it), so the ranks agree
+    on the loading first: a rank-0 load that fails must not leave the others in a broadcast."""
+    loaded, engine, error = None, None, None
     try:
-        engine = build_engine(spec, group.device, parallel)
+        with _model_errors():
+            loaded = load_model(spec, group.device, meta=parallel == "fsdp" and group.rank != 0)
+    except AligndError as err:
+        error = err
+    group.agree(error)
+    try:
+        engine = build_engine(spec, group.device, parallel, loaded)
     except AligndError as err:
         error = err
     group.agree(error)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from alignd_server.common.models import (
@@ -116,3 +117,30 @@ def test_dtypes_and_devices_are_checked(tiny_models):
         resolve_dtype("float64")
     with pytest.raises(ValueError, match="invalid device 'gpu7'"):
         load_causal_lm(tiny_models.causal_lm, device="gpu7")
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classifier", "backbone"])
+def test_meta_loading_builds_the_same_structure_and_reads_no_weights(
+    kind, tiny_models, backbone_dir, tmp_path
+):
+    """``meta``: the structure from the config on the meta device (what an FSDP rank that
+    receives its shards builds), the same names, shapes and dtypes as a real load; the
+    weights file is not read, so a damaged one does not stop it."""
+    source = backbone_dir if kind == "backbone" else getattr(tiny_models, kind)
+    load = load_causal_lm if kind == "causal_lm" else load_sequence_classifier
+    real = load(source).model
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source, damaged)
+    (weights,) = damaged.glob("*.safetensors")
+    weights.write_bytes(b"\x10" + b"\x00" * 7 + b"{")
+    with pytest.raises(SafetensorError):
+        load(damaged)
+    loaded = load(damaged, meta=True)
+    model = loaded.model
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert (loaded.dtype, loaded.device) == ("float32", "cpu")
+    assert loaded.num_parameters == sum(p.numel() for p in real.parameters())
+    want = {n: (t.shape, t.dtype) for n, t in real.state_dict().items()}
+    assert {n: (t.shape, t.dtype) for n, t in model.state_dict().items()} == want
+    assert model.config._attn_implementation == real.config._attn_implementation
+    assert not model.training

@@ -326,13 +326,21 @@ def test_sharded_checkpoints_load_at_other_world_sizes_and_resume_exactly(
 def test_fsdp_pushes_the_gathered_weights(serve, one_rank, tiny_models, tmp_path, storage_root):
     """Under FSDP every rank gathers its shards for PushWeights: the replica then serves the
     trained model (its log-probs of what it generates equal the trainer's), and the weights
-    equal the one-rank run's."""
+    equal the one-rank run's. Only rank 0 reads the weights at Initialize (the other ranks
+    build the model on the meta device and get their shards from it): a weights file rank 0
+    cannot read fails Initialize on every rank, naming ``model_path``, and nothing hangs."""
     from alignd import GenerationClient, SamplingParams
 
     model, replica = str(tiny_models.causal_lm), serve("generation")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    (weights,) = damaged.glob("*.safetensors")
+    weights.write_bytes(b"\x10" + b"\x00" * 7 + b"{")
     push = ("--push-targets", replica.target)
     with _trainer(tmp_path, storage_root, model, 2, "fsdp", *push) as service:
         with TrainerClient(service.target) as trainer:
+            with pytest.raises(InvalidArgumentError, match="model_path: cannot load a model"):
+                trainer.initialize(str(damaged))
             trainer.initialize(model, lr=1e-2, max_grad_norm=0.5, seed=7)
             trainer.load_checkpoint(one_rank["directory"] / "lm")
             (result,) = trainer.push_weights([replica.target], version=3, timeout_seconds=60)
