@@ -64,6 +64,7 @@ Every process (the four services, each peer) gets ``OMP_NUM_THREADS`` torch thre
 else one per core: ``OMP_NUM_THREADS=1`` gives TRL's process one core and each alignd service
 one, so alignd's overlapped phases may use several cores at once where the machine has them.
 The services run as local child processes on 127.0.0.1 and are always stopped.
+``--sections ppo-modes`` runs section 3 for PPO (TRL 1.12's PPO as the peer job).
 ``--weight-sync collective`` makes alignd's jobs push each round's weights over the collective
 transport (``weight_sync: {transport: collective}``, rendezvous on loopback) instead of the
 gRPC stream.
@@ -574,8 +575,9 @@ def take_turns(job: Rounds, peer: Peer | None, rounds: int, args, out: dict) -> 
         job.close()
 
 
-def modes(args, platform: Platform, model: Path, prompts: dict, work: Path) -> dict:
-    """alignd's GRPO rounds serial, overlapped and off-policy, job by job, ``--repeats`` times."""
+def modes(args, algo: str, platform: Platform, model: Path, prompts: dict, work: Path) -> dict:
+    """alignd's ``algo`` rounds serial, overlapped and off-policy, job by job, ``--repeats``
+    times, with TRL's trainer of ``algo`` as one more job in each turn."""
     chunk = args.chunk_prompts or max(1, args.prompts // 4)
     variants = {
         "serial": {"rollout": {"chunk_prompts": chunk, "overlap": False}},
@@ -586,12 +588,13 @@ def modes(args, platform: Platform, model: Path, prompts: dict, work: Path) -> d
         print("   (this alignd has no off_policy_steps: that mode is left out)")
         del variants["off-policy 1"]
     per_job = args.warmup + math.ceil(args.steps / args.repeats)
-    print(f"== modes: chunks of {chunk} prompts; {args.repeats} x {per_job} rounds per mode")
+    print(f"== {algo.upper()} modes: chunks of {chunk} prompts; {args.repeats} x {per_job} "
+          "rounds per mode")  # fmt: skip
     out = {name: [] for name in variants}
-    peer_steps = []  # TRL's GRPO steps, a job of its own in each turn
+    peer_steps = []  # TRL's steps, a job of its own in each turn
     for repeat in range(args.repeats):
         if args.peer == "trl":
-            peer = start_peer("grpo", args, model, prompts, work, per_job)
+            peer = start_peer(algo, args, model, prompts, work, per_job)
             try:
                 peer.ready()
                 seconds = [peer.step() for _ in range(per_job)]
@@ -599,8 +602,8 @@ def modes(args, platform: Platform, model: Path, prompts: dict, work: Path) -> d
                 peer.close()
             peer_steps += seconds[args.warmup :]
         for name, extra in variants.items():
-            run_dir = work / "runs" / f"mode-{name.replace(' ', '-')}-{repeat}"
-            job = Rounds(job_config("grpo", args, model, prompts, run_dir, per_job, **extra),
+            run_dir = work / "runs" / f"{algo}-mode-{name.replace(' ', '-')}-{repeat}"
+            job = Rounds(job_config(algo, args, model, prompts, run_dir, per_job, **extra),
                          platform)  # fmt: skip
             try:
                 for r in range(per_job):
@@ -619,9 +622,12 @@ def budget_score(walls: list[float], evals: list[Estimate], start: Estimate | No
     return done, (evals[done - 1] if done else start)
 
 
+PEER_NAMES = {"grpo": "TRL 1.16 GRPOTrainer step", "ppo": "TRL 1.12 PPOTrainer update"}
+
+
 def show_compare(algo: str, args, d: dict) -> None:
     w = args.warmup
-    peer_name = {"grpo": "TRL 1.16 GRPOTrainer step", "ppo": "TRL 1.12 PPOTrainer update"}[algo]
+    peer_name = PEER_NAMES[algo]
     ours = statistics.median(d["alignd"][w:])
     print(f"{algo} alignd s/round: " + " ".join(f"{t:.2f}" for t in d["alignd"]))
     timed = d["alignd_rows"][w:]
@@ -665,12 +671,13 @@ def show_learning(algo: str, args, d: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def show_modes(args, d: dict) -> None:
+def show_modes(args, algo: str, d: dict) -> None:
     rows, walls, table = [], {}, []
     for name, kept in d["rounds"].items():
         seconds = [s for s, _ in kept]
         walls[name] = statistics.median(seconds)
-        rows.append((f"GRPO alignd {name} (chunks of {d['chunk']})", walls[name], "s/round"))
+        rows.append((f"{algo.upper()} alignd {name} (chunks of {d['chunk']})", walls[name],
+                     "s/round"))  # fmt: skip
         phases = {}
         for service, key in MODE_PHASES.items():
             if service == "generation" and not any(f"time/{key}" in r for _, r in kept):
@@ -681,10 +688,10 @@ def show_modes(args, d: dict) -> None:
               for name in walls if name != "serial"}  # fmt: skip
     if d["trl"]:
         theirs = statistics.median(d["trl"])
-        rows.append(("GRPO TRL 1.16 GRPOTrainer step (a job per turn)", theirs, "s/step"))
+        rows.append((f"{algo.upper()} {PEER_NAMES[algo]} (a job per turn)", theirs, "s/step"))
         ratios.update({f"alignd {name} round / TRL step (target <= 0.6)": walls[name] / theirs
                        for name in walls})  # fmt: skip
-    report("alignd GRPO round modes", rows, ratios, args.out)
+    report(f"alignd {algo.upper()} round modes", rows, ratios, args.out)
     print("  busy seconds / round wall time " + "".join(f"{s:>13}" for s in MODE_PHASES))
     for name, phases in table:
         print(f"  {name:<31}" + "".join(f"{v:>13.2f}" for v in phases.values()))
@@ -708,7 +715,9 @@ def parse_args() -> argparse.Namespace:
         "(default 20 with --rounds, else 0; 0 = the base model)")  # fmt: skip
     add("--eval-prompts", type=int, default=32, help="held-out prompts of the evaluations")
     add("--eval-samples", type=int, default=2, help="completions per held-out prompt")
-    add("--sections", nargs="+", choices=["grpo", "ppo", "modes"], default=["grpo", "ppo", "modes"])
+    add("--sections", nargs="+", choices=["grpo", "ppo", "modes", "ppo-modes"],
+        default=["grpo", "ppo", "modes"],
+        help="modes: GRPO's serial / overlapped / off-policy jobs; ppo-modes: PPO's")  # fmt: skip
     add("--policy", default="smollm2-135m", help="bundled model name or directory")
     add("--peer", choices=["trl", "none"], default="trl", help="none: alignd alone")
     add("--ppo-python", default=str(Path(__file__).resolve().parent.parent / ".venv-bench-ppo"
@@ -733,7 +742,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("need --prompts, --max-new-tokens, --steps, --repeats >= 1, --group >= 2")
     if args.rounds and args.rounds <= args.warmup:
         parser.error("--rounds must exceed --warmup")
-    if args.peer == "trl" and "ppo" in args.sections and not Path(args.ppo_python).exists():
+    needs_ppo = {"ppo", "ppo-modes"} & set(args.sections)
+    if args.peer == "trl" and needs_ppo and not Path(args.ppo_python).exists():
         parser.error(f"{args.ppo_python} is missing: make setup-bench-ppo, or --peer none")
     return args
 
@@ -754,8 +764,9 @@ def main() -> int:
         with services(args, work) as (platform, model):
             results = {}
             for section in args.sections:
-                if section == "modes":
-                    results[section] = modes(args, platform, model, prompts, work)
+                if section in ("modes", "ppo-modes"):
+                    algo = "ppo" if section == "ppo-modes" else "grpo"
+                    results[section] = modes(args, algo, platform, model, prompts, work)
                 else:
                     results[section] = compare(section, args, platform, model, prompts, work)
     print(f"\n{args.device}, threads {threads()} per process; weights pushed by "
@@ -763,8 +774,8 @@ def main() -> int:
           f"{'SFT, ' + str(args.sft_steps) + ' steps' if args.sft_steps else args.policy}; "
           f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
     for section, d in results.items():
-        if section == "modes":
-            show_modes(args, d)
+        if section in ("modes", "ppo-modes"):
+            show_modes(args, "ppo" if section == "ppo-modes" else "grpo", d)
         else:
             show_compare(section, args, d)
     return 0
