@@ -96,7 +96,7 @@ class ScoreNormalization(_message.Message):
     def __init__(self, offset: _Optional[float] = ..., scale: _Optional[float] = ..., clip_min: _Optional[float] = ..., clip_max: _Optional[float] = ...) -> None: ...
 
 class ScorerInfo(_message.Message):
-    __slots__ = ("name", "kind", "model", "function", "normalization", "limits", "is_default")
+    __slots__ = ("name", "kind", "model", "function", "normalization", "limits", "is_default", "format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class ScorerInfo(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ScorerKind
     model: _common_pb2.ModelInfo
@@ -111,7 +112,8 @@ class ScorerInfo(_message.Message):
     normalization: ScoreNormalization
     limits: _common_pb2.Limits
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ScorerKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., function: _Optional[str] = ..., normalization: _Optional[_Union[ScoreNormalization, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    format: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ScorerKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., function: _Optional[str] = ..., normalization: _Optional[_Union[ScoreNormalization, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., is_default: _Optional[bool] = ..., format: _Optional[str] = ...) -> None: ...
 
 class RewardInfo(_message.Message):
     __slots__ = ("server", "scorers")

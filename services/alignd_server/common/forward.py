@@ -45,7 +45,7 @@ def pad_right(
     return input_ids.to(device), attention_mask.to(device), lengths.to(device)
 
 
-def _pools_last_token(model: torch.nn.Module) -> bool:
+def pools_last_token(model: torch.nn.Module) -> bool:
     """Decoder classifiers (``LlamaForSequenceClassification`` and kin) score the last token."""
     return hasattr(model, "score") and not getattr(model.config, "is_encoder_decoder", False)
 
@@ -71,7 +71,7 @@ def sequence_scores(
     Returns:
         (B,) float32 raw head outputs.
     """
-    if _pools_last_token(model):
+    if pools_last_token(model):
         hidden = model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )[0]  # (B, T, H)
@@ -373,7 +373,7 @@ def packable(model: torch.nn.Module, classifier: bool) -> str | None:
     are its output embeddings of the last hidden state."""
     name = type(model).__name__
     if classifier:
-        if not _pools_last_token(model):
+        if not pools_last_token(model):
             return f"{name} is an encoder classifier (it attends both ways)"
         return None
     if model.get_output_embeddings() is None:

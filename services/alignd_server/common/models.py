@@ -37,6 +37,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 INIT_SEED = 0
 """Seed for weights a checkpoint lacks (a fresh reward head), so they are reproducible."""
+REWARD_CARD = "alignd_reward.json"
+"""The file beside a reward model that says how to read and normalise its scores
+(:class:`alignd_server.reward.scorers.RewardCard`)."""
 
 _LOCAL = {"local_files_only": True, "trust_remote_code": False}
 

@@ -130,7 +130,8 @@ def build_chat_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """Build a lowercasing BERT-style WordPiece tokenizer: ``[CLS] text [SEP]``, no eos.
+    """Build a lowercasing BERT-style WordPiece tokenizer: ``[CLS] text [SEP]`` (a pair
+    ``[CLS] a [SEP] b [SEP]`` with token types 0 then 1), no eos.
 
     The vocabulary is the special tokens, every character of the corpus (alone and as a
     ``##`` continuation) and then its most frequent words, so any text made of those characters
@@ -166,6 +167,8 @@ def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=MAX_POSITIONS,
+        # As BERT's own tokenizer: a text pair's second segment has token type 1.
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 

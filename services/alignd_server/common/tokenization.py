@@ -125,7 +125,9 @@ def _check_ids(ids: Any, vocab_size: int, field: str) -> list[int]:
     return array.astype(np.int64).tolist()
 
 
-def _render_chat(tokenizer: Any, messages: Sequence[Any], field: str, limit: int) -> str:
+def render_chat(tokenizer: Any, messages: Sequence[Any], field: str, limit: int) -> str:
+    """A chat prompt as text: the chat template with the generation prompt (the turns'
+    contents joined by newlines when the tokenizer has none), every message checked."""
     size = 0
     for j, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -153,7 +155,7 @@ def _prompt_ids(tokenizer: Any, prompt: Any, field: str, limit: int) -> list[int
     elif isinstance(prompt, np.ndarray) or (isinstance(prompt, Sequence) and not _is_chat(prompt)):
         ids = _check_ids(prompt, len(tokenizer), field)
     elif isinstance(prompt, Sequence):
-        text = _render_chat(tokenizer, prompt, field, limit)
+        text = render_chat(tokenizer, prompt, field, limit)
         templated = bool(getattr(tokenizer, "chat_template", None))
         ids = list(tokenizer.encode(text, add_special_tokens=not templated))
     else:

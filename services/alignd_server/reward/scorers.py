@@ -1,8 +1,26 @@
 """Scorers: reward models and Python functions, each behind its own dynamic batcher.
 
-A model scorer tokenizes (prompt, response) with the shared tokenizer (the chat template when
-the model has one, so scoring sees exactly what the trainer trained on), batches items across
-requests, and returns the raw head output after the model's normalisation. A function scorer
+A model scorer encodes (prompt, response) in its input format, batches items across requests,
+and returns the raw head output after the model's normalisation. The format is how the model
+was trained to read an item, so that it scores as it was trained:
+
+* ``alignd`` — what alignd's trainer trains on: the prompt as the trainer's tokenization
+  builds it (a chat through the chat template with its generation prompt), then the response's
+  tokens and the end token, token types all 0; decoders are read at the last token.
+* ``pair`` — the tokenizer's text-pair encoding, ``tokenizer(prompt, response)`` with the
+  ``token_type_ids`` it returns (encoder reward models: BERT, DeBERTa and kin).
+* ``concat`` — prompt and response as one text with the end token appended when missing,
+  ``tokenizer(prompt + response + eos)`` (TRL ``RewardTrainer``'s plain-text convention).
+* ``chat`` — the conversation with the response as the assistant's turn,
+  ``apply_chat_template(messages)`` (TRL's conversational convention; decoder reward models).
+
+In ``pair`` and ``concat`` a chat prompt is first rendered as text (:func:`render_chat`). The
+last three run the model's own forward (transformers pools a decoder at the rightmost token
+that is not the pad token, as it did in training). The format comes from ``--scorers
+NAME=model:PATH:FORMAT`` (``--model-format`` for the default model), else the ``format`` of the
+model's ``alignd_reward.json`` (the trainer writes ``alignd`` into the reward models it saves),
+else :func:`default_format`: ``pair`` for encoders, ``chat`` for decoders with a chat
+template, ``concat`` for the rest. A function scorer
 calls ``module:function(prompt, response, label) -> float`` for each item, batched the same
 way; a ``ValueError``, ``TypeError`` or ``KeyError`` it raises is the caller's input error
 (INVALID_ARGUMENT), anything else a failure of the scorer (INTERNAL).
@@ -21,17 +39,24 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from alignd.models import resolve_model
 from alignd_server.common.batching import BatcherMetrics, DynamicBatcher
 from alignd_server.common.config import BatchingServerSettings
 from alignd_server.common.errors import InvalidArgument
-from alignd_server.common.forward import pad_right, sequence_scores
-from alignd_server.common.models import LoadedModel, load_sequence_classifier
-from alignd_server.common.tokenization import check_text, max_text_bytes, tokenize
+from alignd_server.common.forward import pad_right, pools_last_token, sequence_scores
+from alignd_server.common.models import REWARD_CARD, LoadedModel, load_sequence_classifier
+from alignd_server.common.tokenization import (
+    check_text,
+    max_text_bytes,
+    render_chat,
+    tokenize,
+)
+from alignd_server.reward.config import FORMATS, parse_scorer
 
-NORMALIZATION_FILE = "alignd_reward.json"
+NORMALIZATION_FILE = REWARD_CARD
 
 PromptValue = str | list[dict[str, str]]
 
@@ -58,8 +83,9 @@ class Normalization(BaseModel):
 
     @classmethod
     def for_model(cls, path: Path) -> Normalization:
-        file = path / NORMALIZATION_FILE
-        return cls.model_validate(json.loads(file.read_text())) if file.exists() else cls()
+        card = RewardCard.for_model(path)
+        return cls(offset=card.offset, scale=card.scale, clip_min=card.clip_min,
+                   clip_max=card.clip_max)  # fmt: skip
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """(N,) raw scores -> (N,) float32 normalised scores."""
@@ -67,6 +93,73 @@ class Normalization(BaseModel):
         if self.clip_min is not None or self.clip_max is not None:
             scores = np.clip(scores, self.clip_min, self.clip_max)
         return scores.astype(np.float32)
+
+
+class RewardCard(BaseModel):
+    """``alignd_reward.json`` beside a reward model: how to read and normalise its scores.
+    Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offset: float = 0.0
+    """Added to the raw score first."""
+    scale: float = 1.0
+    """Multiplies the shifted score."""
+    clip_min: float | None = None
+    """Lower clip bound of the normalised score (none when unset)."""
+    clip_max: float | None = None
+    """Upper clip bound of the normalised score (none when unset)."""
+    format: str | None = None
+    """The input format the model was trained with (one of :data:`FORMATS`)."""
+
+    @classmethod
+    def for_model(cls, path: Path) -> RewardCard:
+        """The card of the model at ``path`` (defaults when it has none).
+
+        Raises:
+            ValueError: the file is not valid JSON, has unknown keys or bad values.
+        """
+        file = path / NORMALIZATION_FILE
+        if not file.exists():
+            return cls()
+        try:
+            card = cls.model_validate(json.loads(file.read_text()))
+        except (ValueError, ValidationError) as err:
+            raise ValueError(f"{file}: {str(err).splitlines()[0]}: {err}") from None
+        if card.format is not None and card.format not in FORMATS:
+            raise ValueError(f"{file}: format {card.format!r} is not one of {', '.join(FORMATS)}")
+        return card
+
+
+def default_format(loaded: LoadedModel) -> str:
+    """The format of a reward model that names none: ``pair`` for an encoder, ``chat`` for a
+    decoder with a chat template, else ``concat``."""
+    if not pools_last_token(loaded.model):
+        return "pair"
+    return "chat" if loaded.has_chat_template else "concat"
+
+
+def resolve_format(loaded: LoadedModel, requested: str | None, name: str) -> str:
+    """The scorer's format: ``requested``, else the model's card, else :func:`default_format`.
+
+    Raises:
+        ValueError: an unknown format, or ``chat`` for a tokenizer without a chat template.
+    """
+    chosen = requested or RewardCard.for_model(Path(loaded.path)).format or default_format(loaded)
+    if chosen not in FORMATS:
+        raise ValueError(f"scorer {name!r}: format {chosen!r} is not one of {', '.join(FORMATS)}")
+    if chosen == "chat" and not loaded.has_chat_template:
+        raise ValueError(f"scorer {name!r}: format chat needs a chat template, and "
+                         f"{loaded.path}'s tokenizer has none; use pair or concat")  # fmt: skip
+    return chosen
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item's model input: token ids and, where the format has them, token types."""
+
+    ids: np.ndarray
+    types: np.ndarray | None
 
 
 class Scorer(Protocol):
@@ -104,16 +197,18 @@ def _batcher(name: str, run, settings: BatchingServerSettings, metrics, tokens: 
 
 
 class ModelScorer:
-    """A one-label sequence classifier."""
+    """A one-label sequence classifier, reading items in its input ``format``."""
 
     kind = "model"
 
     def __init__(
-        self, name: str, loaded: LoadedModel, settings: BatchingServerSettings, metrics
-    ) -> None:
+        self, name: str, loaded: LoadedModel, settings: BatchingServerSettings, metrics,
+        format: str | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.loaded = loaded
         self.settings = settings
+        self.format = resolve_format(loaded, format, name)
         self.normalization = Normalization.for_model(Path(loaded.path))
         self.max_length = loaded.sequence_limit(settings.max_sequence_length)
         self._pad_id = loaded.tokenizer.pad_token_id
@@ -128,31 +223,70 @@ class ModelScorer:
     async def stop(self) -> None:
         await self.batcher.stop()
 
-    def tokenize(self, inputs: Sequence[ScoreInput]) -> list[np.ndarray]:
-        """(T_i,) int32 token rows; over-long items are rejected, naming their fields."""
-        return [
-            tokenize(
-                self.loaded.tokenizer,
-                item.prompt,
-                item.response,
-                max_length=self.max_length,
-                field=item.prompt_field,
-                completion_field=item.response_field,
-            ).input_ids
-            for item in inputs
-        ]
+    def tokenize(self, inputs: Sequence[ScoreInput]) -> list[Encoded]:
+        """Each item in the scorer's format; over-long items are rejected, naming their
+        fields."""
+        if self.format == "alignd":
+            return [Encoded(tokenize(
+                self.loaded.tokenizer, item.prompt, item.response, max_length=self.max_length,
+                field=item.prompt_field, completion_field=item.response_field,
+            ).input_ids, None) for item in inputs]  # fmt: skip
+        return [self._encode(item) for item in inputs]
+
+    def _encode(self, item: ScoreInput) -> Encoded:
+        tokenizer, limit = self.loaded.tokenizer, max_text_bytes(self.max_length)
+        response = check_text(item.response, item.response_field, limit)
+        if self.format == "chat":
+            prompt = item.prompt
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            render_chat(tokenizer, messages, item.prompt_field, limit)  # checks every message
+            messages = [*messages, {"role": "assistant", "content": response}]
+            try:
+                encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+            except TemplateError as err:
+                raise InvalidArgument(
+                    item.prompt_field, f"the chat template rejected this conversation: {err}"
+                ) from None
+        else:
+            prompt = item.prompt
+            if not isinstance(prompt, str):
+                prompt = render_chat(tokenizer, prompt, item.prompt_field, limit)
+            check_text(prompt, item.prompt_field, limit)
+            if self.format == "pair":
+                encoded = tokenizer(prompt, response)
+            else:
+                text, eos = prompt + response, tokenizer.eos_token
+                if eos and not text.endswith(eos):
+                    text += eos
+                encoded = tokenizer(text)
+        ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+        if ids.size > self.max_length:
+            raise InvalidArgument(item.prompt_field,
+                                  f"{ids.size} tokens ({self.format} format of prompt and "
+                                  f"response) exceed max_length {self.max_length}")  # fmt: skip
+        types = encoded.get("token_type_ids")
+        return Encoded(ids, None if types is None else np.asarray(types, dtype=np.int64))
 
     async def score(
         self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
     ) -> np.ndarray:
         rows = await asyncio.to_thread(self.tokenize, inputs)
-        raw = await self.batcher.submit(rows, [len(r) for r in rows], deadline, isolated=isolated)
+        raw = await self.batcher.submit(rows, [r.ids.size for r in rows], deadline,
+                                        isolated=isolated)  # fmt: skip
         return self.normalization.apply(np.asarray(raw, dtype=np.float32))
 
-    def _run(self, rows: list[np.ndarray]) -> list[float]:
+    def _run(self, rows: list[Encoded]) -> list[float]:
+        device = self.loaded.device
         with torch.inference_mode():
-            ids, mask, lengths = pad_right(rows, self._pad_id, self.loaded.device)
-            return sequence_scores(self.loaded.model, ids, mask, lengths).cpu().tolist()
+            ids, mask, lengths = pad_right([r.ids for r in rows], self._pad_id, device)
+            if self.format == "alignd":
+                return sequence_scores(self.loaded.model, ids, mask, lengths).cpu().tolist()
+            extra = {}
+            if any(r.types is not None for r in rows):
+                types = [r.types if r.types is not None else np.zeros_like(r.ids) for r in rows]
+                extra["token_type_ids"] = pad_right(types, 0, device)[0]
+            logits = self.loaded.model(input_ids=ids, attention_mask=mask, **extra).logits
+            return logits[:, 0].float().cpu().tolist()
 
 
 def import_function(spec: str) -> Callable[..., float]:
@@ -221,25 +355,23 @@ class FunctionScorer:
 
 def load_scorers(settings, metrics: BatcherMetrics) -> dict[str, Scorer]:
     """Builds every configured scorer (loading models; call off the event loop)."""
-    specs: list[tuple[str, str, str]] = []
+    specs: list[tuple[str, str, str, str | None]] = []
     if settings.model.lower() != "none":
-        specs.append(("default", "model", settings.model))
+        specs.append(("default", "model", settings.model, settings.model_format or None))
     for entry in settings.scorers:
-        name, _, rest = entry.partition("=")
-        kind, _, target = rest.partition(":")
-        specs.append((name, kind, target))
+        specs.append(parse_scorer(entry))
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer names must be unique, got {names}")
     if settings.default_scorer not in names:
         raise ValueError(f"default_scorer {settings.default_scorer!r} is not one of {names}")
     scorers: dict[str, Scorer] = {}
-    for name, kind, target in specs:
+    for name, kind, target, format in specs:
         if kind == "model":
             loaded = load_sequence_classifier(
                 resolve_model(target), dtype=settings.dtype, device=settings.device
             )
-            scorers[name] = ModelScorer(name, loaded, settings, metrics)
+            scorers[name] = ModelScorer(name, loaded, settings, metrics, format)
         else:
             scorers[name] = FunctionScorer(name, target, settings, metrics)
     return scorers

@@ -161,6 +161,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             if isinstance(scorer, ModelScorer):
                 norm = scorer.normalization
                 entry.kind = reward_pb2.SCORER_KIND_MODEL
+                entry.format = scorer.format
                 entry.model.CopyFrom(model_info(scorer.loaded))
                 entry.normalization.CopyFrom(
                     reward_pb2.ScoreNormalization(

@@ -4,6 +4,8 @@ safetensors and JSON (no pickle), written to a temporary sibling and renamed int
 Layout of ``PATH``:
     config.json, model.safetensors, tokenizer files   the model (loadable by any service)
     value_head.safetensors                            the PPO value head, when there is one
+    alignd_reward.json                                a reward model's input format
+                                                      (``alignd``), for the reward service
     adapter.safetensors, adapter.json                 LoRA adapters and their spec (with LoRA,
                                                       model.safetensors holds the merged model)
     trainer_state.safetensors                         AdamW moments and step counts, RNG state
@@ -38,8 +40,9 @@ import torch
 from safetensors.torch import save_file
 
 from alignd_server.common.errors import FailedPrecondition, InvalidArgument
+from alignd_server.common.models import REWARD_CARD
 from alignd_server.trainer import lora
-from alignd_server.trainer.engine import TrainerEngine
+from alignd_server.trainer.engine import SEQUENCE_CLASSIFIER, TrainerEngine
 
 STATE_JSON, STATE_TENSORS, VALUE_HEAD, ADAPTER, ADAPTER_JSON, MARKER, SHARDED = (
     "trainer_state.json",
@@ -121,6 +124,8 @@ def write(engine: TrainerEngine, temporary: Path, include_optimizer: bool, write
             if not sharded:
                 save_file(lora.adapter_weights(engine.model), str(temporary / ADAPTER))
         engine.loaded.tokenizer.save_pretrained(temporary)
+        if engine.spec.kind == SEQUENCE_CLASSIFIER:  # the reward service reads it as trained
+            (temporary / REWARD_CARD).write_text(json.dumps({"format": "alignd"}))
         if value_head is not None:
             save_file({k: v.contiguous() for k, v in value_head.items()},
                       str(temporary / VALUE_HEAD))  # fmt: skip

@@ -91,8 +91,12 @@ def test_reward_model_job_reports_held_out_accuracy(platform, serve, tiny_models
     final = tmp_path / "rm" / "checkpoints" / "final"
     # The reported accuracy and margin are what the saved model gives the held-out pairs when
     # the reward service serves it: P(chosen > rejected) > 0.5 counts as right.
+    # The trainer's checkpoint says which format the model was trained in, and the reward
+    # service reads items that way (not by the default for an encoder, ``pair``).
+    assert json.loads((final / "alignd_reward.json").read_text()) == {"format": "alignd"}
     pairs = load_examples(TASK.preferences_eval, "preference")
     with RewardClient(serve("reward", model=str(final)).target) as reward:
+        assert reward.info().scorers[0].format == "alignd"
         chosen = reward.score([p.prompt for p in pairs], [p.chosen for p in pairs])
         rejected = reward.score([p.prompt for p in pairs], [p.rejected for p in pairs])
     margin = chosen.astype(np.float64) - rejected

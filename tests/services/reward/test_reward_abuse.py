@@ -21,12 +21,19 @@ from alignd_server.reward.scorers import ModelScorer
 HUGE = "x" * (8 << 20)  # 8 MiB
 
 
-def test_oversized_texts_are_refused_before_tokenization(serve):
-    server = serve("reward", scorers=[f"oracle={SCORER}"])
+@pytest.mark.parametrize("format", ["alignd", "pair"])
+def test_oversized_texts_are_refused_before_tokenization(serve, monkeypatch, format):
+    server = serve("reward", scorers=[f"oracle={SCORER}"], model_format=format)
     tokenizer = server.server.services[0].scorers["default"].loaded.tokenizer
     encoded: list[int] = []  # lengths of the texts the tokenizer was given
-    encode = tokenizer.encode
+    encode, call = tokenizer.encode, type(tokenizer).__call__
     tokenizer.encode = lambda text, **kw: encoded.append(len(text)) or encode(text, **kw)
+
+    def spy(self, *texts, **kw):
+        encoded.extend(len(t) for t in texts if isinstance(t, str))
+        return call(self, *texts, **kw)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
     with RewardClient(server.target) as client:
         limit = client.info().server.limits.max_text_bytes
         for scorer in ("default", "oracle"):

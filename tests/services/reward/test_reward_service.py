@@ -21,17 +21,36 @@ RESPONSES = ["Sunny and warm.", "Once upon a time " * 12, "Hello!"]
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
-def in_process(path, prompt, response) -> float:
-    """The same model, one item, no padding: transformers' own forward pass."""
+def in_process(path, prompt, response, format: str = "alignd") -> float:
+    """The same model, one item, no padding, encoded by ``format``'s own convention."""
     loaded = load_sequence_classifier(path)
-    if isinstance(prompt, list) and not loaded.has_chat_template:
-        prompt = "\n".join(m["content"] for m in prompt)
-    ids = tokenize(loaded.tokenizer, prompt, response, max_length=4096).input_ids
+    tokenizer, model = loaded.tokenizer, loaded.model
+    text = prompt
+    if isinstance(prompt, list):
+        text = "\n".join(m["content"] for m in prompt)
+        if loaded.has_chat_template:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     with torch.inference_mode():
-        if hasattr(loaded.model, "score"):  # decoder: score the last token (the EOS)
-            hidden = loaded.model.base_model(torch.tensor(ids[None], dtype=torch.long))[0]
-            return float(loaded.model.score(hidden[0, -1]))
-        return float(loaded.model(torch.tensor(ids[None], dtype=torch.long)).logits[0, 0])
+        if format == "alignd":  # the trainer's layout; a decoder scores its last token
+            chat = isinstance(prompt, list) and loaded.has_chat_template
+            ids = tokenize(tokenizer, prompt if chat else text, response, max_length=4096).input_ids
+            if hasattr(model, "score"):
+                hidden = model.base_model(torch.tensor(ids[None], dtype=torch.long))[0]
+                return float(model.score(hidden[0, -1]))
+            return float(model(torch.tensor(ids[None], dtype=torch.long)).logits[0, 0])
+        if format == "pair":  # tokenizer(prompt, response), token types and all
+            encoded = tokenizer(text, response, return_tensors="pt")
+        elif format == "concat":  # TRL RewardTrainer, plain text: prompt + response + eos
+            whole = text + response
+            if tokenizer.eos_token and not whole.endswith(tokenizer.eos_token):
+                whole += tokenizer.eos_token
+            encoded = tokenizer(whole, return_tensors="pt")
+        else:  # chat: TRL RewardTrainer, conversational
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            messages = [*turns, {"role": "assistant", "content": response}]
+            encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                    return_tensors="pt")  # fmt: skip
+        return float(model(**encoded).logits[0, 0])
 
 
 @pytest.fixture(params=["encoder", "decoder"])
@@ -40,28 +59,116 @@ def reward_model(request, tiny_models):
     return tiny_models.classifier if request.param == "encoder" else tiny_models.causal_lm
 
 
-def test_scores_equal_an_in_process_forward(serve, reward_model):
-    server = serve("reward", model=str(reward_model))
+def _formats(reward_model, tiny_models) -> list[str]:
+    encoder = reward_model == tiny_models.classifier  # its tokenizer has no chat template
+    return ["alignd", "pair", "concat"] if encoder else ["alignd", "pair", "concat", "chat"]
+
+
+def test_scores_equal_an_in_process_forward_in_every_format(serve, reward_model, tiny_models):
+    """Each input format scores as the same model does in-process with that format's own
+    convention (the text-pair encoding with its token types, one text, the chat template)."""
+    for format in _formats(reward_model, tiny_models):
+        server = serve("reward", model=str(reward_model), model_format=format)
+        with RewardClient(server.target) as client:
+            scores = client.score(PROMPTS, RESPONSES)
+            chat = client.score([CHAT, CHAT], ["Blue.", ""])
+            assert client.info().scorers[0].format == format
+        assert scores.dtype == np.float32
+        expected = [in_process(reward_model, p, r, format)
+                    for p, r in zip(PROMPTS, RESPONSES, strict=True)]  # fmt: skip
+        np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0, err_msg=format)
+        expected = [in_process(reward_model, CHAT, r, format) for r in ("Blue.", "")]
+        np.testing.assert_allclose(chat, expected, atol=1e-5, err_msg=format)
+
+
+def test_pair_gives_the_response_its_own_token_type(tiny_models):
+    """The encoder's text pair: second segment type 1 — what the service feeds it (its
+    scores differ from the same tokens with every type 0)."""
+    tokenizer = load_sequence_classifier(tiny_models.classifier).tokenizer
+    encoded = tokenizer("How is the weather?", "Sunny and warm.")
+    types = encoded["token_type_ids"]
+    assert types[0] == 0 and types[-1] == 1 and set(types) == {0, 1}
+    paired = in_process(tiny_models.classifier, "How is the weather?", "Sunny and warm.", "pair")
+    model = load_sequence_classifier(tiny_models.classifier).model
+    with torch.inference_mode():
+        flat = float(model(torch.tensor([encoded["input_ids"]])).logits[0, 0])
+    assert abs(paired - flat) > 1e-4
+
+
+def test_formats_by_default_follow_the_model_type_and_its_card(serve, tiny_models, tmp_path):
+    """No format named: ``pair`` for an encoder, ``chat`` for a decoder with a chat template,
+    ``concat`` for one without; the model's ``alignd_reward.json`` overrides that, and the
+    flag overrides the card."""
+    plain = tmp_path / "plain-decoder"
+    shutil.copytree(tiny_models.causal_lm, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for template in plain.glob("chat_template.*"):
+        template.unlink()
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_models.classifier, carded)
+    (carded / "alignd_reward.json").write_text(json.dumps({"format": "concat", "scale": 2.0}))
+    scorers = [f"dec=model:{tiny_models.causal_lm}", f"plain=model:{plain}",
+               f"card=model:{carded}", f"flag=model:{carded}:alignd"]  # fmt: skip
+    server = serve("reward", scorers=scorers)
     with RewardClient(server.target) as client:
-        scores = client.score(PROMPTS, RESPONSES)
-        chat = client.score([CHAT], ["Blue."])
-    assert scores.dtype == np.float32
-    expected = [in_process(reward_model, p, r) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
-    np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(chat, [in_process(reward_model, CHAT, "Blue.")], atol=1e-5)
+        formats = {s.name: s.format for s in client.info().scorers}
+        assert formats == {"default": "pair", "dec": "chat", "plain": "concat", "card": "concat",
+                           "flag": "alignd"}  # fmt: skip
+        got = client.score(PROMPTS[:1], RESPONSES[:1], scorer="card")
+    expected = 2.0 * in_process(tiny_models.classifier, PROMPTS[0], RESPONSES[0], "concat")
+    np.testing.assert_allclose(got, [expected], atol=1e-5)
 
 
-def test_scores_do_not_depend_on_batch_composition(serve, reward_model):
-    server = serve("reward", model=str(reward_model), max_wait_ms=20)
+@pytest.mark.parametrize(
+    ("card", "message"),
+    [
+        ({"format": "pairs"}, "format 'pairs' is not one of alignd, pair, concat, chat"),
+        ({"scael": 2.0}, "scael"),
+        ("not json", "alignd_reward.json"),
+    ],
+)
+def test_a_bad_card_is_refused_at_start_up(tiny_models, tmp_path, card, message):
+    from alignd_server.common.batching import BatcherMetrics
+    from alignd_server.reward.config import RewardSettings
+    from alignd_server.reward.scorers import load_scorers
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models.classifier, model)
+    (model / "alignd_reward.json").write_text(card if isinstance(card, str) else json.dumps(card))
+    settings = RewardSettings(model=str(model), metrics_port=-1)
+    with pytest.raises(ValueError, match=message):
+        load_scorers(settings, BatcherMetrics(None))
+
+
+def test_formats_are_checked_where_they_are_named(tiny_models):
+    from alignd_server.common.batching import BatcherMetrics
+    from alignd_server.reward.config import RewardSettings
+    from alignd_server.reward.scorers import load_scorers
+
+    with pytest.raises(ValueError, match=r"FORMAT 'pairs' is not one of alignd, pair, concat"):
+        RewardSettings(scorers=[f"x=model:{tiny_models.classifier}:pairs"])
+    with pytest.raises(ValueError, match="model_format"):
+        RewardSettings(model_format="pairs")
+    encoder = RewardSettings(model=str(tiny_models.classifier), model_format="chat",
+                             metrics_port=-1)  # fmt: skip
+    with pytest.raises(ValueError, match="format chat needs a chat template"):
+        load_scorers(encoder, BatcherMetrics(None))
+
+
+def test_scores_do_not_depend_on_batch_composition(serve, reward_model, tiny_models):
     item = ("What is two plus two?", "Four.")
     long_items = [("Write a long essay " * 10, "Essay body " * 30)] * 5
     short_items = [("Hi", "Yo"), ("A", "B"), ("Hey", "Hello")]
-    with RewardClient(server.target) as client:
-        alone = client.score([item[0]], [item[1]])[0]
-        for others in (long_items, short_items):
-            batch = [*others[:2], item, *others[2:]]
-            scores = client.score([p for p, _ in batch], [r for _, r in batch])
-            assert abs(scores[2] - alone) < 1e-5
+    for format in _formats(reward_model, tiny_models):
+        server = serve("reward", model=str(reward_model), max_wait_ms=20, model_format=format)
+        with RewardClient(server.target) as client:
+            alone = client.score([item[0]], [item[1]])[0]
+            for others in (long_items, short_items):
+                batch = [*others[:2], item, *others[2:]]
+                scores = client.score([p for p, _ in batch], [r for _, r in batch])
+                assert abs(scores[2] - alone) < 1e-5, format
 
 
 def test_compare_is_the_bradley_terry_probability(serve, tiny_models):
@@ -200,7 +307,9 @@ def test_bad_compare_requests_name_the_response(serve):
 
 
 def test_an_empty_response_is_scored_as_the_prompt_and_the_end_token(serve, reward_model):
-    server = serve("reward", model=str(reward_model))
+    """In the trainer's layout (``alignd``); the other formats score an empty response by
+    their own conventions (test_scores_equal_an_in_process_forward_in_every_format)."""
+    server = serve("reward", model=str(reward_model), model_format="alignd")
     with RewardClient(server.target) as client:
         (score,) = client.score(["How is the weather?"], [""])
         (probability,) = client.compare(["How is the weather?"], [""], [""])
