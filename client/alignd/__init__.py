@@ -19,6 +19,7 @@ from alignd.clients import (
     TrainerClient,
 )
 from alignd.clients.generation import Completion, SamplingParams
+from alignd.clients.reward import EnsembleScores
 from alignd.clients.trainer import TrainBatch
 from alignd.errors import AligndError
 from alignd.platform import Platform
@@ -30,6 +31,7 @@ __all__ = [
     "AsyncRewardClient",
     "AsyncTrainerClient",
     "Completion",
+    "EnsembleScores",
     "GenerationClient",
     "Platform",
     "ReferenceClient",

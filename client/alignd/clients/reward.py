@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -40,6 +41,29 @@ def _concat(responses: Sequence, field: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class EnsembleScores:
+    """An ensemble scorer's answer with its members' scores (``score_members``)."""
+
+    scores: np.ndarray
+    """(N,) float32 ensemble scores (the aggregate)."""
+    std: np.ndarray
+    """(N,) float32 standard deviation of the members' scores (ddof 0)."""
+    members: dict[str, np.ndarray]
+    """(N,) float32 scores of each member, by member name, in the ensemble's order."""
+
+
+def _ensemble(responses: Sequence[reward_pb2.ScoreResponse]) -> EnsembleScores:
+    members: dict[str, list[np.ndarray]] = {}
+    for response in responses:
+        for member in response.members:
+            members.setdefault(member.scorer, []).append(np.asarray(member.scores, np.float32))
+    return EnsembleScores(
+        scores=_concat(responses, "scores"), std=_concat(responses, "std"),
+        members={name: np.concatenate(parts) for name, parts in members.items()},
+    )  # fmt: skip
+
+
 def _chunks(count: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, count)) for i in range(0, count, size)]
 
@@ -51,12 +75,15 @@ def score_requests(
     scorer: str | None,
     chunk: int,
     isolated: bool = False,
+    return_members: bool = False,
 ) -> list[reward_pb2.ScoreRequest]:
     """ScoreRequests of at most ``chunk`` items covering all pairs, in order."""
     count = _check_lengths(prompts=prompts, responses=responses, labels=labels)
     requests = []
     for part in _chunks(count, chunk):
-        request = reward_pb2.ScoreRequest(scorer=scorer or "", isolated=isolated)
+        request = reward_pb2.ScoreRequest(
+            scorer=scorer or "", isolated=isolated, return_members=return_members
+        )
         for i in range(part.start, part.stop):
             item = request.items.add(response=responses[i])
             _set_prompt(item, prompts[i])
@@ -144,6 +171,23 @@ class RewardClient(ClientBase):
         requests = score_requests(prompts, responses, labels, scorer, self._chunk(), isolated)
         return _concat(self._fan_out("Score", requests, timeout), "scores")
 
+    def score_members(
+        self,
+        prompts: Sequence[RewardPrompt],
+        responses: Sequence[str],
+        *,
+        scorer: str | None = None,
+        labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
+        timeout: float | None = None,
+    ) -> EnsembleScores:
+        """Scores each (prompt, response) with an ensemble scorer, and returns its members'
+        scores and their spread too (arguments as :meth:`score`; a scorer that is not an
+        ensemble is INVALID_ARGUMENT)."""
+        requests = score_requests(prompts, responses, labels, scorer, self._chunk(), isolated,
+                                  return_members=True)  # fmt: skip
+        return _ensemble(self._fan_out("Score", requests, timeout))
+
     def compare(
         self,
         prompts: Sequence[RewardPrompt],
@@ -192,6 +236,22 @@ class AsyncRewardClient(AsyncClientBase):
         requests = score_requests(prompts, responses, labels, scorer, await self._chunk(), isolated)
         answers = await asyncio.gather(*(self._call("Score", r, timeout=timeout) for r in requests))
         return _concat(answers, "scores")
+
+    async def score_members(
+        self,
+        prompts: Sequence[RewardPrompt],
+        responses: Sequence[str],
+        *,
+        scorer: str | None = None,
+        labels: Sequence[str | None] | None = None,
+        isolated: bool = False,
+        timeout: float | None = None,
+    ) -> EnsembleScores:
+        """See :meth:`RewardClient.score_members`."""
+        requests = score_requests(prompts, responses, labels, scorer, await self._chunk(),
+                                  isolated, return_members=True)  # fmt: skip
+        answers = await asyncio.gather(*(self._call("Score", r, timeout=timeout) for r in requests))
+        return _ensemble(answers)
 
     async def compare(
         self,

@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/reward.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x85\x01\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x12\n\x05label\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0bprompt_kindB\x08\n\x06_label\"U\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.alignd.v1.ScoreItem\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\"/\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0e\n\x06scorer\x18\x02 \x01(\t\"\x9d\x01\n\x0b\x43ompareItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x12\x12\n\nresponse_a\x18\x03 \x01(\t\x12\x12\n\nresponse_b\x18\x04 \x01(\t\x12\x12\n\x05label\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0bprompt_kindB\x08\n\x06_label\"Y\n\x0e\x43ompareRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.alignd.v1.CompareItem\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\"\\\n\x0f\x43ompareResponse\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\x10\n\x08scores_a\x18\x02 \x03(\x02\x12\x10\n\x08scores_b\x18\x03 \x03(\x02\x12\x0e\n\x06scorer\x18\x04 \x01(\t\"\x8a\x01\n\x12ScoreNormalization\x12\x0e\n\x06offset\x18\x01 \x01(\x01\x12\x12\n\x05scale\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x63lip_min\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x63lip_max\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_scaleB\x0b\n\t_clip_minB\x0b\n\t_clip_max\"\xf3\x01\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.alignd.v1.ScorerKind\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.alignd.v1.ModelInfo\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x34\n\rnormalization\x18\x05 \x01(\x0b\x32\x1d.alignd.v1.ScoreNormalization\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.alignd.v1.Limits\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\"[\n\nRewardInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo\x12&\n\x07scorers\x18\x02 \x03(\x0b\x32\x15.alignd.v1.ScorerInfo*Z\n\nScorerKind\x12\x1b\n\x17SCORER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCORER_KIND_MODEL\x10\x01\x12\x18\n\x14SCORER_KIND_FUNCTION\x10\x02\x32\xca\x01\n\rRewardService\x12:\n\x05Score\x12\x17.alignd.v1.ScoreRequest\x1a\x18.alignd.v1.ScoreResponse\x12@\n\x07\x43ompare\x12\x19.alignd.v1.CompareRequest\x1a\x1a.alignd.v1.CompareResponse\x12;\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x15.alignd.v1.RewardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/reward.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x85\x01\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x12\n\x05label\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0bprompt_kindB\x08\n\x06_label\"m\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.alignd.v1.ScoreItem\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\x12\x16\n\x0ereturn_members\x18\x04 \x01(\x08\".\n\x0cMemberScores\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"f\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.alignd.v1.MemberScores\x12\x0b\n\x03std\x18\x04 \x03(\x02\"\x9d\x01\n\x0b\x43ompareItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x12\x12\n\nresponse_a\x18\x03 \x01(\t\x12\x12\n\nresponse_b\x18\x04 \x01(\t\x12\x12\n\x05label\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0bprompt_kindB\x08\n\x06_label\"Y\n\x0e\x43ompareRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.alignd.v1.CompareItem\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x10\n\x08isolated\x18\x03 \x01(\x08\"\\\n\x0f\x43ompareResponse\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\x10\n\x08scores_a\x18\x02 \x03(\x02\x12\x10\n\x08scores_b\x18\x03 \x03(\x02\x12\x0e\n\x06scorer\x18\x04 \x01(\t\"\x8a\x01\n\x12ScoreNormalization\x12\x0e\n\x06offset\x18\x01 \x01(\x01\x12\x12\n\x05scale\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x63lip_min\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x63lip_max\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_scaleB\x0b\n\t_clip_minB\x0b\n\t_clip_max\"=\n\x0c\x45nsembleInfo\x12\x0f\n\x07members\x18\x01 \x03(\t\x12\x11\n\taggregate\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\x01\"\x9e\x02\n\nScorerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.alignd.v1.ScorerKind\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.alignd.v1.ModelInfo\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x34\n\rnormalization\x18\x05 \x01(\x0b\x32\x1d.alignd.v1.ScoreNormalization\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.alignd.v1.Limits\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12)\n\x08\x65nsemble\x18\t \x01(\x0b\x32\x17.alignd.v1.EnsembleInfo\"[\n\nRewardInfo\x12%\n\x06server\x18\x01 \x01(\x0b\x32\x15.alignd.v1.ServerInfo\x12&\n\x07scorers\x18\x02 \x03(\x0b\x32\x15.alignd.v1.ScorerInfo*t\n\nScorerKind\x12\x1b\n\x17SCORER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCORER_KIND_MODEL\x10\x01\x12\x18\n\x14SCORER_KIND_FUNCTION\x10\x02\x12\x18\n\x14SCORER_KIND_ENSEMBLE\x10\x03\x32\xca\x01\n\rRewardService\x12:\n\x05Score\x12\x17.alignd.v1.ScoreRequest\x1a\x18.alignd.v1.ScoreResponse\x12@\n\x07\x43ompare\x12\x19.alignd.v1.CompareRequest\x1a\x1a.alignd.v1.CompareResponse\x12;\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x15.alignd.v1.RewardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCORERKIND']._serialized_start=1158
-  _globals['_SCORERKIND']._serialized_end=1248
+  _globals['_SCORERKIND']._serialized_start=1391
+  _globals['_SCORERKIND']._serialized_end=1507
   _globals['_SCOREITEM']._serialized_start=62
   _globals['_SCOREITEM']._serialized_end=195
   _globals['_SCOREREQUEST']._serialized_start=197
-  _globals['_SCOREREQUEST']._serialized_end=282
-  _globals['_SCORERESPONSE']._serialized_start=284
-  _globals['_SCORERESPONSE']._serialized_end=331
-  _globals['_COMPAREITEM']._serialized_start=334
-  _globals['_COMPAREITEM']._serialized_end=491
-  _globals['_COMPAREREQUEST']._serialized_start=493
-  _globals['_COMPAREREQUEST']._serialized_end=582
-  _globals['_COMPARERESPONSE']._serialized_start=584
-  _globals['_COMPARERESPONSE']._serialized_end=676
-  _globals['_SCORENORMALIZATION']._serialized_start=679
-  _globals['_SCORENORMALIZATION']._serialized_end=817
-  _globals['_SCORERINFO']._serialized_start=820
-  _globals['_SCORERINFO']._serialized_end=1063
-  _globals['_REWARDINFO']._serialized_start=1065
-  _globals['_REWARDINFO']._serialized_end=1156
-  _globals['_REWARDSERVICE']._serialized_start=1251
-  _globals['_REWARDSERVICE']._serialized_end=1453
+  _globals['_SCOREREQUEST']._serialized_end=306
+  _globals['_MEMBERSCORES']._serialized_start=308
+  _globals['_MEMBERSCORES']._serialized_end=354
+  _globals['_SCORERESPONSE']._serialized_start=356
+  _globals['_SCORERESPONSE']._serialized_end=458
+  _globals['_COMPAREITEM']._serialized_start=461
+  _globals['_COMPAREITEM']._serialized_end=618
+  _globals['_COMPAREREQUEST']._serialized_start=620
+  _globals['_COMPAREREQUEST']._serialized_end=709
+  _globals['_COMPARERESPONSE']._serialized_start=711
+  _globals['_COMPARERESPONSE']._serialized_end=803
+  _globals['_SCORENORMALIZATION']._serialized_start=806
+  _globals['_SCORENORMALIZATION']._serialized_end=944
+  _globals['_ENSEMBLEINFO']._serialized_start=946
+  _globals['_ENSEMBLEINFO']._serialized_end=1007
+  _globals['_SCORERINFO']._serialized_start=1010
+  _globals['_SCORERINFO']._serialized_end=1296
+  _globals['_REWARDINFO']._serialized_start=1298
+  _globals['_REWARDINFO']._serialized_end=1389
+  _globals['_REWARDSERVICE']._serialized_start=1510
+  _globals['_REWARDSERVICE']._serialized_end=1712
 # @@protoc_insertion_point(module_scope)

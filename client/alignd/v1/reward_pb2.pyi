@@ -13,9 +13,11 @@ class ScorerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCORER_KIND_UNSPECIFIED: _ClassVar[ScorerKind]
     SCORER_KIND_MODEL: _ClassVar[ScorerKind]
     SCORER_KIND_FUNCTION: _ClassVar[ScorerKind]
+    SCORER_KIND_ENSEMBLE: _ClassVar[ScorerKind]
 SCORER_KIND_UNSPECIFIED: ScorerKind
 SCORER_KIND_MODEL: ScorerKind
 SCORER_KIND_FUNCTION: ScorerKind
+SCORER_KIND_ENSEMBLE: ScorerKind
 
 class ScoreItem(_message.Message):
     __slots__ = ("prompt", "chat", "response", "label")
@@ -30,22 +32,36 @@ class ScoreItem(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("items", "scorer", "isolated")
+    __slots__ = ("items", "scorer", "isolated", "return_members")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
     ISOLATED_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
     scorer: str
     isolated: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., scorer: _Optional[str] = ..., isolated: _Optional[bool] = ...) -> None: ...
+    return_members: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., scorer: _Optional[str] = ..., isolated: _Optional[bool] = ..., return_members: _Optional[bool] = ...) -> None: ...
+
+class MemberScores(_message.Message):
+    __slots__ = ("scorer", "scores")
+    SCORER_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    scorer: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scorer: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "scorer")
+    __slots__ = ("scores", "scorer", "members", "std")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     scorer: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., scorer: _Optional[str] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[MemberScores]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., scorer: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberScores, _Mapping]]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CompareItem(_message.Message):
     __slots__ = ("prompt", "chat", "response_a", "response_b", "label")
@@ -95,8 +111,18 @@ class ScoreNormalization(_message.Message):
     clip_max: float
     def __init__(self, offset: _Optional[float] = ..., scale: _Optional[float] = ..., clip_min: _Optional[float] = ..., clip_max: _Optional[float] = ...) -> None: ...
 
+class EnsembleInfo(_message.Message):
+    __slots__ = ("members", "aggregate", "k")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedScalarFieldContainer[str]
+    aggregate: str
+    k: float
+    def __init__(self, members: _Optional[_Iterable[str]] = ..., aggregate: _Optional[str] = ..., k: _Optional[float] = ...) -> None: ...
+
 class ScorerInfo(_message.Message):
-    __slots__ = ("name", "kind", "model", "function", "normalization", "limits", "is_default", "format")
+    __slots__ = ("name", "kind", "model", "function", "normalization", "limits", "is_default", "format", "ensemble")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +131,7 @@ class ScorerInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ScorerKind
     model: _common_pb2.ModelInfo
@@ -113,7 +140,8 @@ class ScorerInfo(_message.Message):
     limits: _common_pb2.Limits
     is_default: bool
     format: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ScorerKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., function: _Optional[str] = ..., normalization: _Optional[_Union[ScoreNormalization, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., is_default: _Optional[bool] = ..., format: _Optional[str] = ...) -> None: ...
+    ensemble: EnsembleInfo
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ScorerKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., function: _Optional[str] = ..., normalization: _Optional[_Union[ScoreNormalization, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., is_default: _Optional[bool] = ..., format: _Optional[str] = ..., ensemble: _Optional[_Union[EnsembleInfo, _Mapping]] = ...) -> None: ...
 
 class RewardInfo(_message.Message):
     __slots__ = ("server", "scorers")

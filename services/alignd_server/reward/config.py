@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -12,28 +13,76 @@ FORMATS = ("alignd", "pair", "concat", "chat")
 """Input formats of model scorers (see :mod:`alignd_server.reward.scorers`)."""
 
 
-def parse_scorer(spec: str) -> tuple[str, str, str, str | None]:
-    """``NAME=model:PATH[:FORMAT]`` or ``NAME=function:MODULE:FUNC`` as (name, kind, target,
-    format); a model PATH cannot hold ``:``.
+AGGREGATES = ("mean", "min", "mean_minus_std")
+"""How an ensemble combines its members' scores (see :mod:`alignd_server.reward.scorers`)."""
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """One ``--scorers`` entry, parsed."""
+
+    name: str
+    kind: str
+    """``model``, ``function`` or ``ensemble``."""
+    target: str
+    """The model's path or bundled name, the function's ``MODULE:FUNC``, or the ensemble's
+    members joined by commas."""
+    format: str | None = None
+    """A model's input format (None: its card's, else the default for its type)."""
+    members: tuple[str, ...] = ()
+    """An ensemble's member scorers."""
+    aggregate: str = "mean"
+    """An ensemble's aggregate, one of :data:`AGGREGATES`."""
+    k: float = 1.0
+    """``mean_minus_std``'s weight of the members' standard deviation."""
+
+
+def parse_scorer(spec: str) -> ScorerSpec:
+    """``NAME=model:PATH[:FORMAT]``, ``NAME=function:MODULE:FUNC`` or
+    ``NAME=ensemble:A,B[,...][:AGGREGATE[:K]]``; a model PATH cannot hold ``:``.
 
     Raises:
         ValueError: naming the spec and what is wrong with it.
     """
     name, _, rest = spec.partition("=")
     kind, _, target = rest.partition(":")
-    if not name or kind not in ("model", "function") or not target:
-        raise ValueError(
-            f"scorer {spec!r} must be NAME=model:PATH[:FORMAT] or NAME=function:MODULE:FUNC"
-        )
+    if not name or kind not in ("model", "function", "ensemble") or not target:
+        forms = "NAME=model:PATH[:FORMAT], NAME=function:MODULE:FUNC or NAME=ensemble:A,B[:AGG[:K]]"
+        raise ValueError(f"scorer {spec!r} must be {forms}")
     if kind == "function":
-        return name, kind, target, None
+        if ":" not in target:
+            raise ValueError(f"scorer {spec!r}: a function is named MODULE:FUNC")
+        return ScorerSpec(name, kind, target)
+    if kind == "ensemble":
+        listed, _, tail = target.partition(":")
+        aggregate, _, weight = tail.partition(":")
+        members = tuple(m.strip() for m in listed.split(","))
+        if len(members) < 2 or not all(members) or len(set(members)) != len(members):
+            raise ValueError(f"scorer {spec!r}: an ensemble needs two or more distinct members")
+        if name in members:
+            raise ValueError(f"scorer {spec!r}: an ensemble cannot be its own member")
+        aggregate = aggregate or "mean"
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"scorer {spec!r}: AGGREGATE {aggregate!r} is not one of "
+                             f"{', '.join(AGGREGATES)}")  # fmt: skip
+        k = 1.0
+        if weight:
+            if aggregate != "mean_minus_std":
+                raise ValueError(f"scorer {spec!r}: K goes with mean_minus_std only")
+            try:
+                k = float(weight)
+            except ValueError:
+                raise ValueError(f"scorer {spec!r}: K {weight!r} is not a number") from None
+            if not 0 <= k <= 100:
+                raise ValueError(f"scorer {spec!r}: K must be in [0, 100], not {k:g}")
+        return ScorerSpec(name, kind, listed, members=members, aggregate=aggregate, k=k)
     path, colon, format = target.partition(":")
     if colon and format not in FORMATS:
         raise ValueError(f"scorer {spec!r}: FORMAT {format!r} is not one of {', '.join(FORMATS)}"
                          " (a model PATH cannot hold ':')")  # fmt: skip
     if not path:
         raise ValueError(f"scorer {spec!r}: PATH is empty")
-    return name, kind, path, format or None
+    return ScorerSpec(name, kind, path, format=format or None)
 
 
 class RewardSettings(BatchingServerSettings):
@@ -60,8 +109,9 @@ class RewardSettings(BatchingServerSettings):
     scorers: list[str] = Field(default_factory=list)
     """More scorers, each ``NAME=model:PATH_OR_BUNDLED_NAME[:FORMAT]`` (FORMAT one of
     ``alignd``, ``pair``, ``concat``, ``chat``; unset as for ``model_format``) or
-    ``NAME=function:MODULE:FUNC`` (a callable ``f(prompt, response, label) -> float``); repeat
-    the flag for several."""
+    ``NAME=function:MODULE:FUNC`` (a callable ``f(prompt, response, label) -> float``) or
+    ``NAME=ensemble:A,B[,...][:AGGREGATE[:K]]`` (other scorers' scores combined by ``mean``,
+    ``min`` or ``mean_minus_std``, mean − K · std, K default 1); repeat the flag for several."""
     default_scorer: str = "default"
     """Scorer used when a request names none."""
 
@@ -69,7 +119,5 @@ class RewardSettings(BatchingServerSettings):
     @classmethod
     def _scorer_specs(cls, specs: list[str]) -> list[str]:
         for spec in specs:
-            _, kind, target, _ = parse_scorer(spec)
-            if kind == "function" and ":" not in target:
-                raise ValueError(f"scorer {spec!r}: a function is named MODULE:FUNC")
+            parse_scorer(spec)
         return specs

@@ -54,7 +54,7 @@ from alignd_server.common.tokenization import (
     render_chat,
     tokenize,
 )
-from alignd_server.reward.config import FORMATS, parse_scorer
+from alignd_server.reward.config import FORMATS, ScorerSpec, parse_scorer
 
 NORMALIZATION_FILE = REWARD_CARD
 
@@ -166,7 +166,7 @@ class Scorer(Protocol):
     """Scores batches of (prompt, response) items."""
 
     name: str
-    kind: str  # "model" or "function"
+    kind: str  # "model", "function" or "ensemble"
     max_length: int  # most tokens of one (prompt, response) item
 
     def check_capacity(self, count: int) -> None:
@@ -353,25 +353,100 @@ class FunctionScorer:
         return np.asarray(results, dtype=np.float32)
 
 
+class EnsembleScorer:
+    """Other scorers' scores of the same items, combined (``aggregate``): their ``mean``,
+    their ``min``, or ``mean_minus_std`` = mean − k · std, std the members' population
+    standard deviation (ddof 0) — the uncertainty-penalised objective of Coste et al. 2023,
+    "Reward Model Ensembles Help Mitigate Overoptimization" (its "UWO" penalises the variance
+    instead; ``k`` weighs the standard deviation here). Members score after their own
+    normalisation. One request goes to every member at once (each member's batcher takes its
+    items with its own batching); a member's error fails the request and cancels the rest."""
+
+    kind = "ensemble"
+
+    def __init__(self, name: str, members: Sequence[Scorer], aggregate: str, k: float) -> None:
+        self.name = name
+        self.members = list(members)
+        self.aggregate = aggregate
+        self.k = k
+        self.max_length = min(m.max_length for m in self.members)
+
+    def start(self) -> None:
+        """Nothing to start: the members are scorers of their own."""
+
+    async def stop(self) -> None:
+        """Nothing to stop (see :meth:`start`)."""
+
+    def check_capacity(self, count: int) -> None:
+        for member in self.members:
+            member.check_capacity(count)
+
+    async def member_scores(
+        self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
+    ) -> np.ndarray:
+        """(M, N) float32: each member's scores of ``inputs``, members in order."""
+        tasks = [asyncio.ensure_future(m.score(inputs, deadline, isolated)) for m in self.members]
+        try:
+            return np.stack(await asyncio.gather(*tasks))
+        except BaseException:  # the first member's error is the caller's; drop the rest
+            for task in tasks:
+                task.cancel()
+            raise
+
+    def combine(self, scores: np.ndarray) -> np.ndarray:
+        """(M, N) member scores -> (N,) float32 ensemble scores."""
+        values = scores.astype(np.float64)
+        if self.aggregate == "min":
+            return values.min(axis=0).astype(np.float32)
+        mean = values.mean(axis=0)
+        if self.aggregate == "mean_minus_std":
+            mean = mean - self.k * values.std(axis=0)
+        return mean.astype(np.float32)
+
+    async def score(
+        self, inputs: Sequence[ScoreInput], deadline: float | None, isolated: bool = False
+    ) -> np.ndarray:
+        return self.combine(await self.member_scores(inputs, deadline, isolated))
+
+
 def load_scorers(settings, metrics: BatcherMetrics) -> dict[str, Scorer]:
-    """Builds every configured scorer (loading models; call off the event loop)."""
-    specs: list[tuple[str, str, str, str | None]] = []
+    """Builds every configured scorer (loading models; call off the event loop).
+
+    Raises:
+        ValueError: duplicate names, an unknown default, an ensemble whose member is missing
+            or is an ensemble itself; a model that cannot be loaded or read in its format.
+    """
+    specs: list[ScorerSpec] = []
     if settings.model.lower() != "none":
-        specs.append(("default", "model", settings.model, settings.model_format or None))
+        specs.append(ScorerSpec("default", "model", settings.model,
+                                format=settings.model_format or None))  # fmt: skip
     for entry in settings.scorers:
         specs.append(parse_scorer(entry))
-    names = [s[0] for s in specs]
+    names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer names must be unique, got {names}")
     if settings.default_scorer not in names:
         raise ValueError(f"default_scorer {settings.default_scorer!r} is not one of {names}")
+    kinds = {s.name: s.kind for s in specs}
+    for spec in specs:
+        for member in spec.members:
+            if member not in kinds:
+                raise ValueError(f"ensemble {spec.name!r}: member {member!r} is not one of "
+                                 f"{names}")  # fmt: skip
+            if kinds[member] == "ensemble":
+                raise ValueError(f"ensemble {spec.name!r}: member {member!r} is an ensemble; "
+                                 "list its members instead")  # fmt: skip
     scorers: dict[str, Scorer] = {}
-    for name, kind, target, format in specs:
-        if kind == "model":
+    for spec in specs:
+        if spec.kind == "model":
             loaded = load_sequence_classifier(
-                resolve_model(target), dtype=settings.dtype, device=settings.device
+                resolve_model(spec.target), dtype=settings.dtype, device=settings.device
             )
-            scorers[name] = ModelScorer(name, loaded, settings, metrics, format)
-        else:
-            scorers[name] = FunctionScorer(name, target, settings, metrics)
-    return scorers
+            scorers[spec.name] = ModelScorer(spec.name, loaded, settings, metrics, spec.format)
+        elif spec.kind == "function":
+            scorers[spec.name] = FunctionScorer(spec.name, spec.target, settings, metrics)
+    for spec in specs:
+        if spec.kind == "ensemble":
+            members = [scorers[m] for m in spec.members]
+            scorers[spec.name] = EnsembleScorer(spec.name, members, spec.aggregate, spec.k)
+    return {s.name: scorers[s.name] for s in specs}  # in the order they were given

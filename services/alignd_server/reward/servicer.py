@@ -16,7 +16,14 @@ from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
 from alignd_server.common.tokenization import check_text, max_text_bytes
 from alignd_server.reward.config import RewardSettings
-from alignd_server.reward.scorers import ModelScorer, PromptValue, ScoreInput, Scorer, load_scorers
+from alignd_server.reward.scorers import (
+    EnsembleScorer,
+    ModelScorer,
+    PromptValue,
+    ScoreInput,
+    Scorer,
+    load_scorers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +114,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             )
             for i, item in enumerate(request.items)
         ]
+        if request.return_members:
+            if not isinstance(scorer, EnsembleScorer):
+                raise InvalidArgument("return_members", f"scorer {scorer.name!r} is a "
+                                      f"{scorer.kind} scorer, not an ensemble")  # fmt: skip
+            members = await scorer.member_scores(inputs, deadline_of(context), request.isolated)
+            return reward_pb2.ScoreResponse(
+                scores=scorer.combine(members).tolist(), scorer=scorer.name,
+                members=[reward_pb2.MemberScores(scorer=m.name, scores=row.tolist())
+                         for m, row in zip(scorer.members, members, strict=True)],
+                std=members.astype(np.float64).std(axis=0).tolist(),
+            )  # fmt: skip
         scores = await scorer.score(inputs, deadline_of(context), request.isolated)
         return reward_pb2.ScoreResponse(scores=scores.tolist(), scorer=scorer.name)
 
@@ -171,6 +189,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                         clip_max=norm.clip_max,
                     )
                 )
+            elif isinstance(scorer, EnsembleScorer):
+                entry.kind = reward_pb2.SCORER_KIND_ENSEMBLE
+                entry.ensemble.CopyFrom(reward_pb2.EnsembleInfo(
+                    members=[m.name for m in scorer.members], aggregate=scorer.aggregate,
+                    k=scorer.k,
+                ))  # fmt: skip
+                entry.normalization.scale = 1.0
             else:
                 entry.kind = reward_pb2.SCORER_KIND_FUNCTION
                 entry.function = scorer.function

@@ -240,6 +240,98 @@ def test_function_scorers_are_named_and_batched_like_models(serve, oracle_module
                                    [1 / (1 + np.exp(-10.0))], rtol=1e-6)  # fmt: skip
 
 
+def test_an_ensemble_combines_its_members_by_its_formula(serve, oracle_module, tiny_models):
+    """``mean``, ``min`` and ``mean_minus_std`` (mean − k · std, std with ddof 0) of the
+    members' scores, worked out by hand for two function members, and with a model member;
+    ``score_members`` returns each member's scores and the spread."""
+    from alignd import EnsembleScores
+
+    length, exact = f"function:{oracle_module}:length", f"function:{oracle_module}:exact"
+    server = serve("reward", scorers=[
+        f"len={length}", f"exact={exact}", "mean=ensemble:len,exact",
+        "low=ensemble:len,exact:min", "safe=ensemble:len,exact:mean_minus_std:0.5",
+        "mixed=ensemble:default,len:mean_minus_std",
+    ])  # fmt: skip
+    prompts, responses, labels = ["q", "q"], ["4", "five"], ["4", "4"]
+    # len: 1, 4; exact: 1, 0 -> mean 1, 2; min 1, 0; std 0, 2; mean - 0.5 std: 1, 1
+    with RewardClient(server.target) as client:
+        for name, want in {"mean": [1.0, 2.0], "low": [1.0, 0.0], "safe": [1.0, 1.0]}.items():
+            got = client.score(prompts, responses, scorer=name, labels=labels)
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=name)
+        detail = client.score_members(prompts, responses, scorer="safe", labels=labels)
+        assert isinstance(detail, EnsembleScores)
+        assert list(detail.members) == ["len", "exact"]
+        np.testing.assert_array_equal(detail.members["len"], [1.0, 4.0])
+        np.testing.assert_array_equal(detail.members["exact"], [1.0, 0.0])
+        np.testing.assert_allclose(detail.std, [0.0, 2.0], atol=1e-6)
+        np.testing.assert_allclose(detail.scores, [1.0, 1.0], atol=1e-6)
+        mixed = client.score_members(PROMPTS, RESPONSES, scorer="mixed")
+        model = client.score(PROMPTS, RESPONSES)
+        np.testing.assert_array_equal(mixed.members["default"], model)
+        lengths = np.array([len(r) for r in RESPONSES], np.float64)
+        pair = np.stack([model.astype(np.float64), lengths])
+        np.testing.assert_allclose(mixed.scores, pair.mean(0) - pair.std(0), rtol=1e-6)
+        np.testing.assert_allclose(
+            client.compare(["q"], ["4"], ["five"], scorer="mean", labels=["4"]),
+            [1 / (1 + np.exp(-(1.0 - 2.0)))], rtol=1e-6,
+        )  # fmt: skip
+        info = {s.name: s for s in client.info().scorers}
+        assert info["safe"].kind == reward_pb2.SCORER_KIND_ENSEMBLE
+        assert list(info["safe"].ensemble.members) == ["len", "exact"]
+        assert (info["safe"].ensemble.aggregate, info["safe"].ensemble.k) == ("mean_minus_std", 0.5)
+        limits = info["mixed"].limits, info["default"].limits
+        assert limits[0].max_sequence_length == limits[1].max_sequence_length
+        # a member's error is the request's; return_members needs an ensemble
+        with pytest.raises(InvalidArgumentError, match=r"items\[0\].response: scorer 'exact'"):
+            client.score(["q"], ["4"], scorer="mean")
+        refused = "return_members: scorer 'len' is a function"
+        with pytest.raises(InvalidArgumentError, match=refused):
+            client.score_members(["q"], ["4"], scorer="len")
+
+
+@pytest.mark.parametrize(
+    ("scorers", "message"),
+    [
+        (["e=ensemble:len"], "two or more distinct members"),
+        (["e=ensemble:len,len"], "two or more distinct members"),
+        (["e=ensemble:e,len"], "cannot be its own member"),
+        (["e=ensemble:len,default:median"], "AGGREGATE 'median' is not one of mean, min"),
+        (["e=ensemble:len,default:mean:2"], "K goes with mean_minus_std only"),
+        (["e=ensemble:len,default:mean_minus_std:x"], "K 'x' is not a number"),
+        (["e=ensemble:len,default:mean_minus_std:-1"], r"K must be in \[0, 100\]"),
+    ],
+)
+def test_ensemble_specs_are_checked(scorers, message):
+    from alignd_server.reward.config import RewardSettings
+
+    with pytest.raises(ValueError, match=message):
+        RewardSettings(scorers=scorers)
+
+
+def test_ensemble_members_must_exist_and_not_be_ensembles(oracle_module):
+    from alignd_server.common.batching import BatcherMetrics
+    from alignd_server.reward.config import RewardSettings
+    from alignd_server.reward.scorers import load_scorers
+
+    length = f"len=function:{oracle_module}:length"
+    for scorers, message in (
+        ([length, "e=ensemble:len,nope"], "member 'nope' is not one of"),
+        (
+            [
+                length,
+                f"two=function:{oracle_module}:exact",
+                "e=ensemble:len,two",
+                "f=ensemble:e,len",
+            ],
+            "member 'e' is an ensemble",
+        ),
+    ):
+        settings = RewardSettings(model="none", scorers=scorers, default_scorer="len",
+                                  metrics_port=-1)  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_scorers(settings, BatcherMetrics(None))
+
+
 def test_default_scorer_can_be_a_function(serve, oracle_module):
     server = serve("reward", model="none", scorers=[f"len=function:{oracle_module}:length"],
                    default_scorer="len")  # fmt: skip
