@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import numpy as np
 from grpc import aio
+from prometheus_client import Counter, Histogram
 
 from alignd.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from alignd_server.common.batching import BatcherMetrics, deadline_of
-from alignd_server.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from alignd_server.common.batching import TIME_BUCKETS, BatcherMetrics, deadline_of
+from alignd_server.common.errors import (
+    AligndError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
 from alignd_server.common.holder import in_daemon_thread
 from alignd_server.common.info import model_info, server_info
 from alignd_server.common.metrics import ServerMetrics
@@ -61,6 +68,37 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.scorers: dict[str, Scorer] = {}
         self._loading = False
         self._metrics = BatcherMetrics(metrics.registry)
+        self._requests = Counter(
+            "alignd_reward_scorer_requests", "Score and Compare requests by scorer and outcome.",
+            ["scorer", "method", "code"], registry=metrics.registry,
+        )  # fmt: skip
+        self._items = Counter(
+            "alignd_reward_scorer_items", "Items scored by scorer (a Compare item counts twice).",
+            ["scorer"], registry=metrics.registry,
+        )  # fmt: skip
+        self._seconds = Histogram(
+            "alignd_reward_scorer_seconds", "Seconds from a request's arrival to its scores.",
+            ["scorer", "method"], buckets=TIME_BUCKETS, registry=metrics.registry,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _measured(self, scorer: Scorer, method: str, items: int):
+        """Counts a request of ``scorer`` by its status code, its items when it succeeds, and
+        its seconds."""
+        start, code = time.perf_counter(), "OK"
+        try:
+            yield
+        except AligndError as err:
+            code = err.code.name
+            raise
+        except BaseException:
+            code = "CANCELLED"  # the caller went away (or the server is stopping)
+            raise
+        else:
+            self._items.labels(scorer.name).inc(items)
+        finally:
+            self._requests.labels(scorer.name, method, code).inc()
+            self._seconds.labels(scorer.name, method).observe(time.perf_counter() - start)
 
     def register(self, server: aio.Server) -> None:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self, server)
@@ -101,6 +139,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
         scorer = self._scorer(request.scorer)
+        with self._measured(scorer, "Score", len(request.items)):
+            return await self._score(scorer, request, context)
+
+    async def _score(self, scorer: Scorer, request, context) -> reward_pb2.ScoreResponse:
         self._check_count(len(request.items))
         scorer.check_capacity(len(request.items))  # a refusal costs no tokenization
         limit = max_text_bytes(scorer.max_length)
@@ -132,6 +174,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, request: reward_pb2.CompareRequest, context
     ) -> reward_pb2.CompareResponse:
         scorer = self._scorer(request.scorer)
+        with self._measured(scorer, "Compare", 2 * len(request.items)):
+            return await self._compare(scorer, request, context)
+
+    async def _compare(self, scorer: Scorer, request, context) -> reward_pb2.CompareResponse:
         self._check_count(len(request.items))
         scorer.check_capacity(2 * len(request.items))
         limit = max_text_bytes(scorer.max_length)

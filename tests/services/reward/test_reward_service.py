@@ -332,6 +332,49 @@ def test_ensemble_members_must_exist_and_not_be_ensembles(oracle_module):
             load_scorers(settings, BatcherMetrics(None))
 
 
+def test_each_scorer_has_its_own_request_item_latency_and_error_series(serve, oracle_module):
+    from service_metrics import scrape
+
+    server = serve("reward", scorers=[f"exact=function:{oracle_module}:exact"])
+    with RewardClient(server.target) as client:
+        client.score(PROMPTS, RESPONSES)
+        client.compare(["q"], ["a"], ["b"])
+        client.score(["q"], ["4"], scorer="exact", labels=["4"])
+        with pytest.raises(InvalidArgumentError):
+            client.score(["q"], ["4"], scorer="exact")  # no label: the scorer refuses it
+    samples = scrape(server)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+    requests = "alignd_reward_scorer_requests_total"
+    assert value(requests, scorer="default", method="Score", code="OK") == 1
+    assert value(requests, scorer="default", method="Compare", code="OK") == 1
+    assert value(requests, scorer="exact", method="Score", code="OK") == 1
+    assert value(requests, scorer="exact", method="Score", code="INVALID_ARGUMENT") == 1
+    assert value("alignd_reward_scorer_items_total", scorer="default") == len(PROMPTS) + 2
+    assert value("alignd_reward_scorer_items_total", scorer="exact") == 1  # failures: none
+    assert value("alignd_reward_scorer_seconds_count", scorer="exact", method="Score") == 2
+    assert value("alignd_reward_scorer_seconds_sum", scorer="default", method="Score") > 0
+
+
+def test_the_largest_request_is_stated_and_enforced_in_items_and_bytes(serve):
+    """GetInfo's limits say how many items and bytes one request may carry; a request over
+    either is refused (items: INVALID_ARGUMENT naming them; bytes: RESOURCE_EXHAUSTED, gRPC's
+    own message limit) and the server goes on serving."""
+    server = serve("reward", max_batch_size=8, max_message_bytes=4 << 20)
+    with RewardClient(server.target) as client:
+        limits = client.info().server.limits
+        assert (limits.max_batch_size, limits.max_message_bytes) == (8, 4 << 20)
+        items = [reward_pb2.ScoreItem(prompt="p", response="r")] * 9
+        with pytest.raises(InvalidArgumentError, match="items: 9 items exceed max_batch_size 8"):
+            client._call("Score", reward_pb2.ScoreRequest(items=items))
+        big = [reward_pb2.ScoreItem(prompt="p", response="r" * (1 << 20))] * 5  # > 4 MiB
+        with pytest.raises(ResourceExhaustedError):
+            client._call("Score", reward_pb2.ScoreRequest(items=big))
+        assert client.score(["p"], ["r"]).shape == (1,)
+
+
 def test_default_scorer_can_be_a_function(serve, oracle_module):
     server = serve("reward", model="none", scorers=[f"len=function:{oracle_module}:length"],
                    default_scorer="len")  # fmt: skip
