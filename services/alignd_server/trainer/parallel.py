@@ -40,6 +40,7 @@ import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -270,8 +271,8 @@ def executor(settings: TrainerSettings) -> LocalExecutor | ParallelExecutor:
     return ParallelExecutor(settings, env) if env.world_size > 1 else LocalExecutor(settings)
 
 
-def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> int:
-    """Ranks other than 0: run rank 0's commands until it says shut down."""
+def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> NoReturn:
+    """Ranks other than 0: run rank 0's commands until it says shut down, then exit."""
     # torchrun passes SIGTERM on to every rank; these leave when rank 0 has drained.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if settings.deterministic:
@@ -287,8 +288,12 @@ def worker_loop(settings: TrainerSettings, env: RankEnvironment) -> int:
             engine = _follow(group, engine, header, blob)
         except AligndError as err:
             log.warning("rank %d: %s failed: %s", group.rank, header["op"], err)
-    group.close()
-    return 0
+    # Leave without tearing the process group down: gloo's worker thread may still be
+    # releasing the last broadcast (its tensors need the GIL) while it holds the lock that
+    # the group's destructor, run here with the GIL held, waits for — a deadlock seen with
+    # a DDP engine's reducer holding the group. Nothing is left to write.
+    logging.shutdown()
+    os._exit(0)
 
 
 def _follow(group: Group, engine: TrainerEngine | None, header: dict, blob: bytes):

@@ -3,12 +3,14 @@ packed (padding-free) batches compute what padded ones do."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import shutil
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -162,13 +164,24 @@ def _run(trainer: TrainerClient, model, directory, **options) -> dict:
     return record
 
 
+@contextlib.contextmanager
 def _trainer(
     tmp_path, storage_root, model, nproc: int, parallel: str = "ddp", *extra: str
-) -> LocalService:
+) -> Iterator[LocalService]:
+    """A trainer of ``nproc`` ranks; once stopped, none of its processes may be left (a rank
+    that hung on its way out would outlive torchrun)."""
+    import psutil  # comes with accelerate (the serve extra)
+
     args = ["--model", model, "--nproc", str(nproc), "--master-port", str(free_port()),
             "--metrics-port", "-1", "--storage-root", str(storage_root), "--parallel", parallel,
             *extra]  # fmt: skip
-    return LocalService("trainer", args, log_file=tmp_path / f"{parallel}{nproc}.log")
+    with LocalService("trainer", args, log_file=tmp_path / f"{parallel}{nproc}.log") as service:
+        processes = psutil.Process(service.process.pid).children(recursive=True)
+        yield service
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    for process in alive:
+        process.kill()
+    assert not alive, f"rank processes outlived the trainer: {[p.pid for p in alive]}"
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +375,6 @@ def test_a_kill_during_a_sharded_save_leaves_a_loadable_checkpoint(
     checkpoint: what is at the path afterwards is a whole checkpoint (the previous one, or
     the new one if the rename came first), and it resumes exactly."""
     import concurrent.futures
-    import contextlib
 
     import psutil  # comes with accelerate (the serve extra)
 
