@@ -16,6 +16,11 @@ BENCH_PPO_VENV ?= .venv-bench-ppo
 BENCH_PPO_BIN := $(BENCH_PPO_VENV)/bin
 BENCH_RL_ARGS ?=
 
+# tritonclient (an outside Open Inference Protocol client) needs protobuf < 7: its own
+# environment, used by the integration tests (no torch in it).
+TRITON_VENV ?= .venv-triton
+TRITON_BIN := $(TRITON_VENV)/bin
+
 .PHONY: setup setup-vllm setup-bench setup-bench-ppo bench-trainer bench-rl tools test test-slow test-fuzz test-container test-vllm gpu-wheels demo protos protos-check lint format clean
 
 setup: $(VENV)/.setup-done
@@ -74,11 +79,16 @@ bench-rl: setup-bench setup-bench-ppo
 	  --ppo-python $(BENCH_PPO_BIN)/python $(BENCH_RL_ARGS)
 
 # Outside tools the integration tests use (grpcurl comes with the dev extra).
-tools:
+tools: $(TRITON_VENV)/.setup-done
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: apt-get install prometheus (tests that need it are skipped)"; fi; }
+
+$(TRITON_VENV)/.setup-done:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_BIN)/python -m pip install -q 'tritonclient[grpc]==2.73.0' 'protobuf<7'
+	touch $@
 
 test: setup tools
 	$(BIN)/python -m pytest -m "not slow and not container and not fuzz" $(PYTEST_ARGS)
@@ -126,4 +136,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) $(TRITON_VENV) .pytest_cache .ruff_cache .hypothesis

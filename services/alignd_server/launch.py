@@ -31,7 +31,8 @@ def build_server(role: str, settings: ServerSettings) -> Server:
     _, servicer_cls = ROLES[role]
     metrics = ServerMetrics(servicer_cls.name)
     service: Service = servicer_cls(settings, metrics)
-    return Server(settings, [service], metrics)
+    companions = getattr(service, "companions", list)()  # more services on the same port
+    return Server(settings, [service, *companions], metrics)
 
 
 def parser_for(role: str, prog: str | None = None) -> argparse.ArgumentParser:

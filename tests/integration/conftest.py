@@ -34,6 +34,13 @@ def grpcurl() -> str:
 
 
 @pytest.fixture(scope="session")
+def triton_python() -> str:
+    """The Python of the tritonclient environment (protobuf < 7 keeps it out of ours)."""
+    path = Path(__file__).resolve().parents[2] / ".venv-triton" / "bin" / "python"
+    return require_tool("tritonclient (.venv-triton)", str(path))
+
+
+@pytest.fixture(scope="session")
 def promtool() -> str:
     return require_tool("promtool", shutil.which("promtool"))
 

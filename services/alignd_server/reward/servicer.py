@@ -69,7 +69,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self._loading = False
         self._metrics = BatcherMetrics(metrics.registry)
         self._requests = Counter(
-            "alignd_reward_scorer_requests", "Score and Compare requests by scorer and outcome.",
+            "alignd_reward_scorer_requests",
+            "Score, Compare and ModelInfer requests by scorer and outcome.",
             ["scorer", "method", "code"], registry=metrics.registry,
         )  # fmt: skip
         self._items = Counter(
@@ -82,7 +83,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )  # fmt: skip
 
     @contextlib.contextmanager
-    def _measured(self, scorer: Scorer, method: str, items: int):
+    def measured(self, scorer: Scorer, method: str, items: int):
         """Counts a request of ``scorer`` by its status code, its items when it succeeds, and
         its seconds."""
         start, code = time.perf_counter(), "OK"
@@ -102,6 +103,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def register(self, server: aio.Server) -> None:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self, server)
+
+    def companions(self) -> list:
+        """The services hosted beside this one on its server: the Open Inference Protocol's
+        (:mod:`alignd_server.reward.inference`), over the same scorers."""
+        from alignd_server.reward.inference import InferenceServicer
+
+        return [InferenceServicer(self)]
 
     async def start(self) -> None:
         self._loading = True
@@ -129,7 +137,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise InvalidArgument("scorer", f"unknown scorer {chosen!r}; this server has {known}")
         return self.scorers[chosen]
 
-    def _check_count(self, count: int) -> None:
+    def check_count(self, count: int) -> None:
         if count == 0:
             raise InvalidArgument("items", "must not be empty")
         if count > self.settings.max_batch_size:
@@ -139,11 +147,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context) -> reward_pb2.ScoreResponse:
         scorer = self._scorer(request.scorer)
-        with self._measured(scorer, "Score", len(request.items)):
+        with self.measured(scorer, "Score", len(request.items)):
             return await self._score(scorer, request, context)
 
     async def _score(self, scorer: Scorer, request, context) -> reward_pb2.ScoreResponse:
-        self._check_count(len(request.items))
+        self.check_count(len(request.items))
         scorer.check_capacity(len(request.items))  # a refusal costs no tokenization
         limit = max_text_bytes(scorer.max_length)
         inputs = [
@@ -174,11 +182,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, request: reward_pb2.CompareRequest, context
     ) -> reward_pb2.CompareResponse:
         scorer = self._scorer(request.scorer)
-        with self._measured(scorer, "Compare", 2 * len(request.items)):
+        with self.measured(scorer, "Compare", 2 * len(request.items)):
             return await self._compare(scorer, request, context)
 
     async def _compare(self, scorer: Scorer, request, context) -> reward_pb2.CompareResponse:
-        self._check_count(len(request.items))
+        self.check_count(len(request.items))
         scorer.check_capacity(2 * len(request.items))
         limit = max_text_bytes(scorer.max_length)
         inputs = []
