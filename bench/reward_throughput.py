@@ -4,9 +4,15 @@ Measures, on the same (prompt, response) pairs:
   1. in-process: tokenizer + model forward in batches of 32 (the peer);
   2. the service, one client sending batches of 32;
   3. the service, 64 concurrent clients sending single items (dynamic batching on);
-  4. the same with dynamic batching off (max batch size 1).
+  4. the same with dynamic batching off (max batch size 1);
+  5. the service's Open Inference Protocol endpoint (ModelInfer, raw BYTES inputs as
+     tritonclient sends them), one client sending batches of 32;
+  6. an ensemble of two copies of the model (``--scorers ens=ensemble:a,b``) and each member
+     alone, one client sending batches of 32.
 The runs take turns, several rounds, best of each; it prints pairs/s and the ratios 2/1
-(target >= 0.9) and 3/1 (target >= 0.8), with 4/1 beside.
+(target >= 0.9), 3/1 (target >= 0.8), with 4/1 beside, 5/2 (target >= 0.95) and the ensemble
+over its slower member (target >= 0.9). The services read items in the ``alignd`` format, the
+layout the in-process peer builds.
 
     python bench/reward_throughput.py                 # MiniLM (prepared bundled model)
     python bench/reward_throughput.py --pairs 256 --model PATH
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import struct
 import sys
 from pathlib import Path
 
@@ -23,11 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import grpc
 from common import add_device_argument, interleaved, report, sentences, synchronize
 
 from alignd import AsyncRewardClient, RewardClient
 from alignd.local import LocalService
 from alignd.models import resolve_model
+from alignd.v1 import open_inference_pb2 as oip
+from alignd.v1 import open_inference_pb2_grpc as oip_grpc
 from alignd_server.common.forward import pad_right, sequence_scores
 from alignd_server.common.models import load_sequence_classifier
 from alignd_server.common.tokenization import tokenize
@@ -62,6 +72,34 @@ def served_batches(client: RewardClient, prompts: list[str], responses: list[str
     return run
 
 
+def served_oip(stub, prompts: list[str], responses: list[str]):
+    """ModelInfer in batches of 32, inputs as raw BYTES tensors (tritonclient's form)."""
+
+    def raw(values: list[str]) -> bytes:
+        return b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in values)
+
+    tensor = oip.ModelInferRequest.InferInputTensor
+
+    def run() -> None:
+        for i in range(0, len(prompts), BATCH):
+            part = prompts[i : i + BATCH], responses[i : i + BATCH]
+            stub.ModelInfer(oip.ModelInferRequest(
+                model_name="default", raw_input_contents=[raw(part[0]), raw(part[1])],
+                inputs=[tensor(name=n, datatype="BYTES", shape=[len(part[0])])
+                        for n in ("prompt", "response")],
+            ), timeout=600)  # fmt: skip
+
+    return run
+
+
+def served_scorer(client: RewardClient, scorer: str, prompts: list[str], responses: list[str]):
+    def run() -> None:
+        for i in range(0, len(prompts), BATCH):
+            client.score(prompts[i : i + BATCH], responses[i : i + BATCH], scorer=scorer)
+
+    return run
+
+
 def served_concurrent(target: str, prompts: list[str], responses: list[str]):
     """64 asyncio clients (one channel each), each sending its share of items one by one."""
 
@@ -91,14 +129,22 @@ def main() -> int:
     responses = sentences(args.pairs, 10, 60, seed=2)
     n = len(prompts)
 
-    flags = ["--model", str(path), "--metrics-port", "-1", "--max-queue-size", "4096",
-             "--log-level", "WARNING", "--device", args.device]  # fmt: skip
+    flags = ["--model", str(path), "--model-format", "alignd", "--metrics-port", "-1",
+             "--max-queue-size", "4096", "--log-level", "WARNING",
+             "--device", args.device]  # fmt: skip
     unbatched_flags = [*flags, "--max-batch-size", "1", "--max-wait-ms", "0"]
+    member = f"model:{path}:alignd"
+    ensemble_flags = [*flags, "--scorers", f"a={member}", "--scorers", f"b={member}",
+                      "--scorers", "ens=ensemble:a,b"]  # fmt: skip
     with (
         LocalService("reward", flags) as service,
         LocalService("reward", unbatched_flags) as plain,
+        LocalService("reward", ensemble_flags) as ensemble,
         RewardClient(service.target) as client,
+        RewardClient(ensemble.target) as members,
+        grpc.insecure_channel(service.target) as channel,
     ):
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
         best = interleaved(
             args.repeats,
             {
@@ -106,9 +152,14 @@ def main() -> int:
                 "batched": served_batches(client, prompts, responses),
                 "concurrent": served_concurrent(service.target, prompts, responses),
                 "unbatched": served_concurrent(plain.target, prompts, responses),
+                "oip": served_oip(stub, prompts, responses),
+                "member a": served_scorer(members, "a", prompts, responses),
+                "member b": served_scorer(members, "b", prompts, responses),
+                "ensemble": served_scorer(members, "ens", prompts, responses),
             },
         )
     peer = best["peer"]
+    slower = max(best["member a"], best["member b"])
     rows = [
         (f"in-process forward, batches of {BATCH}", n / peer, "pairs/s"),
         (f"service, 1 client, batches of {BATCH}", n / best["batched"], "pairs/s"),
@@ -116,11 +167,17 @@ def main() -> int:
          "pairs/s"),
         (f"service, {CONCURRENCY} clients x 1 item, batching off", n / best["unbatched"],
          "pairs/s"),
+        (f"service, Open Inference Protocol ModelInfer, batches of {BATCH}", n / best["oip"],
+         "pairs/s"),
+        ("ensemble member alone (slower of the two)", n / slower, "pairs/s"),
+        ("ensemble of the two members", n / best["ensemble"], "pairs/s"),
     ]  # fmt: skip
     ratios = {
         "batched service / in-process (target >= 0.9)": peer / best["batched"],
         "64 clients, dynamic batching / in-process (target >= 0.8)": peer / best["concurrent"],
         "64 clients, batching off / in-process": peer / best["unbatched"],
+        "ModelInfer / Score, pairs/s (target >= 0.95)": best["batched"] / best["oip"],
+        "ensemble / slower member, pairs/s (target >= 0.9)": slower / best["ensemble"],
     }
     report(f"reward throughput ({path.name}, {n} pairs)", rows, ratios, args.out)
     return 0

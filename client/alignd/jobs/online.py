@@ -38,6 +38,7 @@ from alignd.errors import from_status_text
 from alignd.evaluation import evaluate_policy
 from alignd.jobs.base import TRANSIENT, Job
 from alignd.jobs.batches import chunks, load_split
+from alignd.v1.reward_pb2 import SCORER_KIND_ENSEMBLE
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Rollout:
     gen_logprobs: np.ndarray  # (B, T) the generation service's (behaviour policy's)
     versions: np.ndarray  # (B,) the weights version that generated each sample
     old: dict[str, np.ndarray] | None = None  # (B, T) trainer Forward outputs, when chunked
+    spread: np.ndarray | None = None  # (B,) the members' score std, when scored by an ensemble
 
     def batch(self, index, **token_inputs: np.ndarray) -> TrainBatch:
         """The rows ``index`` with the named (B, T) per-token inputs, unpadded."""
@@ -97,6 +99,7 @@ class Rollout:
                 prompt_lengths=self.prompt_lengths, scores=self.scores, eos=self.eos,
                 ref_logprobs=self.ref_logprobs, mask=self.mask, gen_logprobs=self.gen_logprobs,
                 versions=self.versions, text=np.array(text),
+                **({} if self.spread is None else {"spread": self.spread}),
             )  # fmt: skip
         os.replace(temporary, path)
 
@@ -110,7 +113,7 @@ class Rollout:
             return cls(
                 text["prompts"], rows, f["prompt_lengths"].tolist(), text["texts"],
                 f["scores"], f["eos"], f["ref_logprobs"], f["mask"], f["gen_logprobs"],
-                f["versions"],
+                f["versions"], spread=f.get("spread"),
             )  # fmt: skip
 
 
@@ -133,6 +136,7 @@ class _Online(Job):
         self.version = 0
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ensemble: bool | None = None  # whether the rollout scorer is an ensemble
 
     group = 1
     """Completions sampled per prompt."""
@@ -311,15 +315,18 @@ class _Online(Job):
         start = time.perf_counter()
         old = None
         if c.rollout.chunk_prompts:
-            samples, scores, ref, old = self._overlapped(prompts, params, list(forward),
-                                                         on_generated)  # fmt: skip
+            samples, scores, spread, ref, old = self._overlapped(
+                prompts, params, list(forward), on_generated
+            )
         else:
             with self.phase("generation"):
                 samples = self._generate(prompts, params)
             if on_generated is not None:
                 on_generated()
             entries = [p for p, g in zip(prompts, samples, strict=True) for _ in g]
-            scores, ref, scoring, reference = self._score(entries, [s for g in samples for s in g])
+            scores, spread, ref, scoring, reference = self._score(
+                entries, [s for g in samples for s in g]
+            )
             self.add_time("scoring", scoring)
             self.add_time("reference", reference)
         self.add_time("rollout", time.perf_counter() - start)
@@ -332,6 +339,7 @@ class _Online(Job):
             [p for p, _ in flat], rows, lengths, texts, np.asarray(scores, np.float64),
             np.array([s.finish_reason == "eos" for _, s in flat]), ref_padded, mask, generated,
             np.array([s.weights_version for _, s in flat], np.int64), old,
+            None if spread is None else np.asarray(spread, np.float64),
         )  # fmt: skip
 
     def behaviour_rollout(self, step: int, group: int = 1, forward: Sequence[str] = ()) -> Rollout:
@@ -387,24 +395,39 @@ class _Online(Job):
         staleness = self.version_base + step - rollout.versions
         return {"staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max())}
 
-    def _score(self, prompts: list, samples: list) -> tuple[list, list, float, float]:
-        """Reward scores and reference log-probs of ``samples`` (one per entry of
-        ``prompts``), and the seconds each call took."""
+    def _is_ensemble(self) -> bool:
+        """Whether the rollout's scorer is an ensemble (asked once of the reward service)."""
+        if self._ensemble is None:
+            info = self.call(self.service("reward").info)
+            wanted = self.config.rollout.scorer
+            scorer = next((s for s in info.scorers
+                           if (s.name == wanted if wanted else s.is_default)), None)  # fmt: skip
+            self._ensemble = scorer is not None and scorer.kind == SCORER_KIND_ENSEMBLE
+        return self._ensemble
+
+    def _score(self, prompts: list, samples: list) -> tuple[list, list | None, list, float, float]:
+        """Reward scores of ``samples`` (one per entry of ``prompts``) — with an ensemble
+        scorer, also the members' spread per sample (else None) — their reference log-probs,
+        and the seconds each call took."""
         c = self.config
         rows, lengths = sequences(samples)
         start = time.perf_counter()
-        scores = self.call(self.service("reward").score, prompts, [s.text for s in samples],
-                           scorer=c.rollout.scorer or None,
-                           isolated=c.deterministic)  # fmt: skip
+        texts, spread = [s.text for s in samples], None
+        options = {"scorer": c.rollout.scorer or None, "isolated": c.deterministic}
+        if self._is_ensemble():
+            detail = self.call(self.service("reward").score_members, prompts, texts, **options)
+            scores, spread = detail.scores, list(detail.std)
+        else:
+            scores = self.call(self.service("reward").score, prompts, texts, **options)
         middle = time.perf_counter()
         ref = self.call(self.service("reference").logprobs, rows, lengths,
                         isolated=c.deterministic)  # fmt: skip
-        return list(scores), list(ref), middle - start, time.perf_counter() - middle
+        return list(scores), spread, list(ref), middle - start, time.perf_counter() - middle
 
     def _overlapped(
         self, prompts: list, params: SamplingParams, forward: list[str],
         on_generated: Callable[[], None] | None = None,
-    ) -> tuple[list, list, list, dict | None]:  # fmt: skip
+    ) -> tuple[list, list, list | None, list, dict | None]:  # fmt: skip
         """Generation in chunks of ``rollout.chunk_prompts`` prompts, each chunk scored and
         given its reference log-probs as soon as it is generated. ``time/generation``,
         ``time/scoring`` and ``time/reference`` are then the phases' busy seconds (summed
@@ -419,7 +442,9 @@ class _Online(Job):
 
         def score(share: list[int], groups: list) -> tuple:
             entries = [(prompts[i], s) for i, g in zip(share, groups, strict=True) for s in g]
-            scores, ref, scoring, reference = self._score(*map(list, zip(*entries, strict=True)))
+            scores, spread, ref, scoring, reference = self._score(
+                *map(list, zip(*entries, strict=True))
+            )
             self.add_time("scoring", scoring)
             self.add_time("reference", reference)
             outputs = {}
@@ -429,7 +454,7 @@ class _Online(Job):
                 outputs = self.call(self.trainer.forward, batch, forward,
                                     temperature=self.config.rollout.temperature)  # fmt: skip
                 self.add_time("training", time.perf_counter() - start)
-            return scores, ref, outputs
+            return scores, ref, outputs, spread
 
         overlap, generated = self.config.rollout.overlap, {}
         with concurrent.futures.ThreadPoolExecutor(max(1, len(chunks_))) as scoring:
@@ -454,7 +479,10 @@ class _Online(Job):
         scores = [x for i in order for x in scored[i][0]]
         ref = [x for i in order for x in scored[i][1]]
         old = {k: alg.pad_right([x for i in order for x in scored[i][2][k]])[0] for k in forward}
-        return samples, scores, ref, old or None
+        spread = None
+        if all(scored[i][3] is not None for i in order):
+            spread = [x for i in order for x in scored[i][3]]
+        return samples, scores, spread, ref, old or None
 
     def _generate(
         self, prompts: list, params: SamplingParams, *, shares: list[list[int]] | None = None,
@@ -555,12 +583,18 @@ class _Online(Job):
                 "logprob_mismatch/max": float(diff.max())}  # fmt: skip
 
     def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        return {
+        """The round's reward (mean and std over samples), length and EOS fraction; with an
+        ensemble scorer, ``reward/ensemble_std``: the mean over samples of the members' std
+        (their disagreement, which grows as the policy leaves where they agree)."""
+        metrics = {
             "reward": float(rollout.scores.mean()),
             "reward_std": float(rollout.scores.std()),
             "response_length": float(rollout.mask.sum(-1).mean()),
             "eos_fraction": float(rollout.eos.mean()),
         }
+        if rollout.spread is not None:
+            metrics["reward/ensemble_std"] = float(rollout.spread.mean())
+        return metrics
 
 
 class PPOJob(_Online):

@@ -784,3 +784,39 @@ def test_a_refused_weight_push_fails_the_job_at_once(serve, tmp_path, monkeypatc
     error = from_status_text("UNAVAILABLE: restarting", "PushWeights")
     assert type(error).__name__ == "UnavailableError" and error.details == "restarting"
     assert from_status_text("not a status").details == "not a status"
+
+
+@pytest.mark.parametrize("chunk_prompts", [0, 1])
+def test_an_ensemble_scorer_trains_a_round_and_logs_its_members_spread(
+    serve, tmp_path, chunk_prompts
+):
+    """``rollout.scorer`` an ensemble of ``length / 10`` and ``length / 5``: the round trains
+    on the members' mean (0.15 × length) and logs ``reward/ensemble_std``, the mean over
+    samples of their std (0.05 × length): a third of the reward. Serial and chunked rounds,
+    and the rollout saved for a resume keeps the spread."""
+    from function_scorers import BY_LENGTH, TWICE_LENGTH
+
+    from alignd.jobs.online import Rollout
+
+    generation = serve("generation")
+    trainer = serve("trainer", push_targets=[generation.target])
+    reward = serve("reward", scorers=[f"tenth={BY_LENGTH}", f"fifth={TWICE_LENGTH}",
+                                      "ens=ensemble:tenth,fifth"])  # fmt: skip
+    services = {"generation": generation.target, "trainer": trainer.target,
+                "reward": reward.target, "reference": serve("reference").target}  # fmt: skip
+    config = GRPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 4}, rounds=1,
+        rollout={"prompts_per_round": 2, "max_new_tokens": 8, "scorer": "ens",
+                 "chunk_prompts": chunk_prompts},
+        group_size=4, kl_coef=0.0, **common(tmp_path, f"ens-{chunk_prompts}"),
+    )  # fmt: skip
+    with Platform(**services) as platform:
+        (row,) = run(config, platform)
+    assert row["reward"] > 0
+    assert row["reward/ensemble_std"] == pytest.approx(row["reward"] / 3, rel=1e-5)
+    spread = np.array([0.5, 0.25])
+    saved = Rollout(["p", "q"], [np.array([1, 2]), np.array([3])], [1, 1], ["a", "b"],
+                    np.zeros(2), np.zeros(2, bool), np.zeros((2, 1)), np.ones((2, 1)),
+                    np.zeros((2, 1)), np.zeros(2, np.int64), spread=spread)  # fmt: skip
+    saved.save(tmp_path / "rollout.npz")
+    np.testing.assert_array_equal(Rollout.load(tmp_path / "rollout.npz").spread, spread)
