@@ -5,8 +5,10 @@ On the bundled sentiment task (a programmatic oracle scores how positive a sente
 1. SFT of SmolLM2-135M-Instruct on neutral-to-mixed demonstrations;
 2. a MiniLM-L6 reward model trained with Bradley–Terry on oracle-labelled pairs (held-out
    pairwise accuracy must reach 0.8), then served by the reward service;
-3. PPO from the SFT policy against that reward model, and DPO from the SFT policy on the
-   same pairs;
+3. PPO from the SFT policy against that reward model (the oracle as its gold scorer: every
+   evaluation scores the held-out completions with both, and ``runs/ppo/plots/
+   overoptimization.png`` draws proxy and gold against √KL), and DPO from the SFT policy on
+   the same pairs;
 4. each policy (SFT, PPO, DPO) sampled on held-out prompts: oracle score, reward-model score,
    KL to the SFT reference and length, each ± its standard error. PPO and DPO must beat SFT on
    the oracle by at least three standard errors of the difference.
@@ -80,6 +82,7 @@ def configs(out: Path, policy: str, backbone: str, quick: bool, off_policy_steps
         rollout={"prompts_per_round": 16, "max_new_tokens": 24 // scale},
         ppo_epochs=2, kl_coef=0.02, missing_eos_penalty=1.0, vf_coef=0.1,
         off_policy_steps=off_policy_steps, optim={"lr": 2e-5}, deterministic=True,
+        eval_every=5, gold_scorer="oracle",  # the oracle tracks what the reward model misses
     )  # fmt: skip
     dpo = DPOConfig(
         name="dpo", run_dir=runs / "dpo", model=sft_model, max_length=96, batch_size=8,

@@ -49,6 +49,8 @@ class PolicyReport:
     length: Estimate
     examples: list[tuple[str, str, float]]
     """A few (prompt, completion, oracle score, or reward without an oracle) samples."""
+    gold: Estimate | None = None
+    """The same completions' scores by the gold scorer, when one was given."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +58,7 @@ class PolicyReport:
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Each estimate's mean and standard error, e.g. ``eval/reward``, ``eval/reward_se``."""
         out: dict[str, float] = {}
-        for name in ("oracle", "reward", "kl", "length"):
+        for name in ("oracle", "reward", "gold", "kl", "length"):
             estimate = getattr(self, name)
             if estimate is not None:
                 out[f"{prefix}{name}"], out[f"{prefix}{name}_se"] = estimate.mean, estimate.se
@@ -76,6 +78,7 @@ def evaluate_policy(
     seed: int = 1234,
     scorer: str | None = None,
     isolated: bool = False,
+    gold_scorer: str | None = None,
 ) -> PolicyReport:
     """Samples ``samples`` completions per prompt at temperature 1 from ``generation`` (which
     must serve the policy) and measures them: the ``reward`` service's score (``scorer``),
@@ -85,7 +88,7 @@ def evaluate_policy(
     unbiased for samples drawn from π at temperature 1): π's log-probabilities come with the
     samples, π_ref's from the reference service. ``isolated`` has the generation, reward and
     reference services batch these requests alone (bit-identical numbers whatever else they
-    serve).
+    serve). ``gold_scorer`` also scores the same completions with that scorer (``gold``).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=samples, seed=seed)
     results = generation.generate(list(prompts), params, isolated=isolated)
@@ -95,13 +98,17 @@ def evaluate_policy(
     ref = reference.logprobs(rows, [len(c.prompt_token_ids) for _, c in flat], isolated=isolated)
     kl = [float(c.logprobs.sum() - r.sum()) for (_, c), r in zip(flat, ref, strict=True)]
     rewards = reward.score([p for p, _ in flat], texts, scorer=scorer, isolated=isolated)
+    gold = None
+    if gold_scorer:
+        gold = Estimate.of(reward.score([p for p, _ in flat], texts, scorer=gold_scorer,
+                                        isolated=isolated))  # fmt: skip
     oracle_scores = [oracle(t) for t in texts] if oracle is not None else None
     shown = oracle_scores if oracle_scores is not None else [float(r) for r in rewards]
     examples = [(_prompt_text(flat[i][0]), texts[i], shown[i]) for i in range(min(6, len(flat)))]
     return PolicyReport(
         name, Estimate.of(oracle_scores) if oracle_scores is not None else None,
         Estimate.of(rewards), Estimate.of(kl), Estimate.of([len(c.token_ids) for _, c in flat]),
-        examples,
+        examples, gold,
     )  # fmt: skip
 
 

@@ -82,6 +82,8 @@ class Job:
         self._rediscovering = threading.Lock()  # calls may run on several threads
         self._accounting = threading.Lock()  # guards timings and counts
         self._stopping = threading.Event()  # the run is ending: calls stop retrying
+        self.stop_requested = False
+        """Set by an evaluation (early stopping): this step is the run's last."""
         self._step = 0  # the step running now (0 while setting up)
 
     # ---- what subclasses provide -------------------------------------------------------
@@ -124,6 +126,7 @@ class Job:
     def _run_steps(self) -> Iterator[dict[str, Any]]:
         self._step = 0
         self._stopping.clear()
+        self.stop_requested = False
         with self.phase("setup"):
             self.setup()
             self.initialize_trainer()
@@ -141,6 +144,9 @@ class Job:
                 if last or (self.config.eval_every and step % self.config.eval_every == 0):
                     with self.phase("eval"):
                         metrics.update(self.evaluate(step))
+                if self.stop_requested and not last:  # the evaluation says stop (early_stop)
+                    metrics["early_stop"] = 1.0
+                    last = True
                 if last or (self.config.save_every and step % self.config.save_every == 0):
                     self.save(step, final=last)
                 with self._accounting:  # the first step's row also carries the setup phases
@@ -153,6 +159,8 @@ class Job:
                     bar.update(1)
                     bar.set_postfix(_summary(metrics), refresh=False)
                 yield row
+                if last:
+                    break
         finally:
             self._stopping.set()
             self.finish()

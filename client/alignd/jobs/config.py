@@ -249,6 +249,17 @@ class WeightSyncConfig(_Strict):
         return self
 
 
+class EarlyStopConfig(_Strict):
+    """Stop an online run once the gold score has stopped improving while the proxy (the
+    training scorer's) kept rising — the over-optimisation signature (Gao et al. 2022)."""
+
+    patience: int = Field(3, ge=1, le=1000)
+    """Evaluations without a gold improvement (while the proxy rose past its value at the best
+    gold) after which the run stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """How much the gold score must rise over its best to count as an improvement."""
+
+
 class _OnlineConfig(JobConfig):
     """What the online jobs (PPO, GRPO/RLOO) share: rounds of sampling and training."""
 
@@ -284,6 +295,17 @@ class _OnlineConfig(JobConfig):
     is_cap: float = Field(2.0, ge=1, le=1000)
     """C, the truncation of the importance weight of off-policy rounds (TRL's
     ``vllm_importance_sampling_cap``); only with ``off_policy_steps`` ≥ 1."""
+    gold_scorer: str = ""
+    """A reward-service scorer other than ``rollout.scorer`` (a function oracle, an ensemble, a
+    bigger model) that scores the same held-out completions at every evaluation, beside the
+    training scorer: ``eval/gold``, ``eval/gold_se``. Whenever it reaches a new best, the
+    trainer's weights are checkpointed to ``checkpoints/best`` (state.json's ``gold`` says
+    which round). A name the reward service does not have fails the job at set-up."""
+    early_stop: EarlyStopConfig | None = None
+    """Stop when the gold score has not improved for ``patience`` evaluations while the proxy
+    (``eval/reward``) rose above its value at the best gold; the last round is logged with
+    ``early_stop: 1`` and checkpointed as ``final``, the best stays in ``checkpoints/best``.
+    Needs ``gold_scorer`` and ``eval_every``."""
 
     @model_validator(mode="after")
     def _no_epochs(self) -> _OnlineConfig:
@@ -292,6 +314,18 @@ class _OnlineConfig(JobConfig):
                 "epochs does not apply to online jobs: they run `rounds` rounds (capped by "
                 "max_steps), each with ppo_epochs / epochs_per_round passes over its samples"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gold(self) -> _OnlineConfig:
+        if self.gold_scorer and self.gold_scorer == self.rollout.scorer:
+            raise ValueError(f"gold_scorer {self.gold_scorer!r} is the training scorer "
+                             "(rollout.scorer): the gold must be another one")  # fmt: skip
+        if self.early_stop is not None:
+            if not self.gold_scorer:
+                raise ValueError("early_stop needs gold_scorer: it stops on the gold score")
+            if not self.eval_every:
+                raise ValueError("early_stop needs eval_every: it decides at each evaluation")
         return self
 
     @model_validator(mode="after")

@@ -52,4 +52,29 @@ def plot_history(history: Sequence[dict[str, Any]], directory: Path) -> list[Pat
         figure.savefig(path, dpi=90)
         plt.close(figure)
         written.append(path)
+    evaluated = [r for r in history if "eval/gold" in r and "eval/reward" in r and "eval/kl" in r]
+    if evaluated:
+        written.append(_overoptimization(evaluated, directory, plt))
     return written
+
+
+def _overoptimization(rows: Sequence[dict[str, Any]], directory: Path, plt) -> Path:
+    """The proxy (training scorer) and gold scores of each evaluation against its distance
+    from the reference, √KL — the over-optimisation curve of Gao et al. 2022 ("Scaling Laws
+    for Reward Model Overoptimization"): the proxy keeps rising while the gold turns down."""
+    distance = [max(r["eval/kl"], 0.0) ** 0.5 for r in rows]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("eval/reward", "proxy (eval/reward)"), ("eval/gold", "gold (eval/gold)")):
+        axes.plot(distance, [r[key] for r in rows], marker=".", label=label)
+    for d, r in zip(distance, rows, strict=True):
+        axes.annotate(str(r["step"]), (d, r["eval/gold"]), fontsize=6, alpha=0.6)
+    axes.set_xlabel("√KL(π ‖ π_ref) on the held-out prompts")
+    axes.set_ylabel("score")
+    axes.set_title("proxy vs gold (round numbers on the gold curve)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = directory / "overoptimization.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -752,6 +752,22 @@ def test_off_policy_settings_are_refused_where_they_cannot_apply():
         GRPOConfig(off_policy_steps=9, **base)
 
 
+def test_gold_and_early_stop_settings_are_checked():
+    base = dict(data={"path": TASK.train_prompts}, run_dir="runs/x")
+    with pytest.raises(ValueError, match="gold_scorer 'oracle' is the training scorer"):
+        GRPOConfig(gold_scorer="oracle", rollout={"scorer": "oracle"}, **base)
+    with pytest.raises(ValueError, match="early_stop needs gold_scorer"):
+        PPOConfig(early_stop={"patience": 2}, eval_every=1, **base)
+    with pytest.raises(ValueError, match="early_stop needs eval_every"):
+        PPOConfig(early_stop={}, gold_scorer="oracle", **base)
+    with pytest.raises(ValueError, match="patience"):
+        PPOConfig(early_stop={"patience": 0}, gold_scorer="oracle", eval_every=1, **base)
+    with pytest.raises(ValueError, match="patiance"):
+        PPOConfig(early_stop={"patiance": 2}, gold_scorer="oracle", eval_every=1, **base)
+    config = GRPOConfig(early_stop={"min_delta": 0.01}, gold_scorer="oracle", eval_every=2, **base)
+    assert (config.early_stop.patience, config.early_stop.min_delta) == (3, 0.01)
+
+
 def test_a_refused_weight_push_fails_the_job_at_once(serve, tmp_path, monkeypatch):
     """Only a replica that is restarting (UNAVAILABLE and the like) is pushed to again; a
     replica that refuses the weights fails the job on the first try, naming the refusal."""
@@ -820,3 +836,104 @@ def test_an_ensemble_scorer_trains_a_round_and_logs_its_members_spread(
                     np.zeros((2, 1)), np.zeros(2, np.int64), spread=spread)  # fmt: skip
     saved.save(tmp_path / "rollout.npz")
     np.testing.assert_array_equal(Rollout.load(tmp_path / "rollout.npz").spread, spread)
+
+
+def _gold_config(tmp_path, name: str, scorer: str = "length", **extra) -> GRPOConfig:
+    options = {"rounds": 6, "eval_every": 1, "gold_scorer": "oracle", **extra}
+    return GRPOConfig(
+        data={"path": TASK.train_prompts, "limit": 20, "held_out": 2},
+        rollout={"prompts_per_round": 2, "max_new_tokens": 6, "scorer": scorer},
+        group_size=2, kl_coef=0.0, **common(tmp_path, name), **options,
+    )  # fmt: skip
+
+
+def test_the_gold_scorer_scores_the_held_out_completions_beside_the_proxy(serve, tmp_path):
+    from function_scorers import BY_LENGTH
+
+    from alignd.evaluation import evaluate_policy
+
+    generation = serve("generation")
+    trainer = serve("trainer", push_targets=[generation.target])
+    reward = serve("reward", scorers=[f"length={BY_LENGTH}", f"oracle={SCORER}"])
+    services = {"generation": generation.target, "trainer": trainer.target,
+                "reward": reward.target, "reference": serve("reference").target}  # fmt: skip
+    config = _gold_config(tmp_path, "gold", rounds=2, eval_samples=2)
+    with Platform(**services) as platform:
+        rows = run(config, platform)
+        # the same evaluation again, by hand: the proxy and the gold score the same samples
+        again = config.model_copy(update={"run_dir": tmp_path / "again"})
+        held = make_job(again, platform, progress=False)
+        held.setup()
+        report = evaluate_policy(
+            "again", platform.generation, platform.reward, platform.reference,
+            [p.prompt for p in held.held], samples=2, max_new_tokens=6,
+            seed=held.eval_seed(2), scorer="length", gold_scorer="oracle",
+        )  # fmt: skip
+    for row in rows:
+        assert {"eval/gold", "eval/gold_se", "eval/reward", "eval/kl"} <= row.keys()
+        assert 0.0 <= row["eval/gold"] <= 1.0
+    assert rows[-1]["eval/reward"] == pytest.approx(report.reward.mean)
+    assert rows[-1]["eval/gold"] == pytest.approx(report.gold.mean)
+    state = json.loads((tmp_path / "gold" / "state.json").read_text())
+    best = max(rows, key=lambda r: r["eval/gold"])  # the first of equals stays the best
+    assert state["gold"]["step"] == min(r["step"] for r in rows
+                                        if r["eval/gold"] == best["eval/gold"])  # fmt: skip
+    assert (tmp_path / "gold" / "checkpoints" / "best" / "alignd_checkpoint.json").is_file()
+    assert (tmp_path / "gold" / "plots" / "overoptimization.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("proxy", "gold", "stops_at", "best_at"),
+    [
+        # gold peaks at round 2; the proxy keeps rising: 2 evaluations later, stop
+        ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.5, 0.45, 0.4, 0.3, 0.2], 4, 2),
+        # gold stalls but so does the proxy: a plateau, not over-optimisation — no stop
+        ([0.1, 0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.5, 0.4, 0.3, 0.2, 0.1], None, 2),
+        # an improvement smaller than min_delta (0.05) does not reset the count
+        ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.5, 0.52, 0.53, 0.3, 0.2], 4, 2),
+    ],
+)
+def test_early_stopping_fires_on_the_gold_and_proxy_curves_and_keeps_the_best(
+    platform, tmp_path, monkeypatch, proxy, gold, stops_at, best_at
+):
+    """Scripted held-out scores (the evaluation's numbers replaced, the rounds real): the run
+    stops once the gold has not beaten its best for ``patience`` (2) evaluations while the
+    proxy rose past its value at the best; ``checkpoints/best`` holds the best round's
+    weights."""
+    from alignd import jobs
+    from alignd.evaluation import Estimate, PolicyReport
+
+    calls = iter(range(len(proxy)))
+
+    def scripted(*args, **kwargs):
+        i = next(calls)
+        one = Estimate(0.0, 0.0, 1)
+        return PolicyReport("scripted", None, Estimate(proxy[i], 0.0, 1), one, one, [],
+                            Estimate(gold[i], 0.0, 1))  # fmt: skip
+
+    monkeypatch.setattr(jobs.online, "evaluate_policy", scripted)
+    saved = []
+    original = jobs.online._Online._track_gold
+
+    def track(self, step, metrics):
+        original(self, step, metrics)
+        saved.append((step, self._gold["step"]))
+
+    monkeypatch.setattr(jobs.online._Online, "_track_gold", track)
+    stop = {"patience": 2, "min_delta": 0.05}
+    rows = run(_gold_config(tmp_path, "stop", "default", early_stop=stop), platform)
+    assert [r["step"] for r in rows] == list(range(1, (stops_at or 6) + 1))
+    assert ("early_stop" in rows[-1]) == (stops_at is not None)
+    state = json.loads((tmp_path / "stop" / "state.json").read_text())
+    assert state["gold"]["step"] == best_at and state["done"]
+    marker = tmp_path / "stop" / "checkpoints" / "best" / "alignd_checkpoint.json"
+    assert json.loads(marker.read_text())["step"] == best_at  # the trainer's steps: 1 a round
+    assert (tmp_path / "stop" / "checkpoints" / "final").is_dir()
+    assert saved[-1] == (rows[-1]["step"], best_at)
+
+
+def test_a_gold_scorer_the_job_cannot_use_is_refused_before_the_first_round(platform, tmp_path):
+    from alignd.jobs import ConfigError
+
+    with pytest.raises(ConfigError, match="gold_scorer: the reward service has no scorer 'nope'"):
+        run(_gold_config(tmp_path, "nope", "default", gold_scorer="nope"), platform)
