@@ -22,7 +22,7 @@ from alignd._version import __version__
 from alignd.v1 import open_inference_pb2 as oip
 from alignd.v1 import open_inference_pb2_grpc as oip_grpc
 from alignd_server.common.batching import deadline_of
-from alignd_server.common.errors import InvalidArgument, NotFound
+from alignd_server.common.errors import InvalidArgument, NotFound, Unavailable
 from alignd_server.common.tokenization import check_text, max_text_bytes
 from alignd_server.reward.scorers import ScoreInput, Scorer
 
@@ -79,9 +79,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         if not name:
             raise InvalidArgument(field, "must name a model (one of the reward scorers)")
         scorers = self.reward.scorers
+        if not scorers:
+            raise Unavailable("the reward scorers are still loading")
         if name not in scorers:
-            known = ", ".join(scorers) or "none loaded yet"
-            raise NotFound(f"{field}: no model {name!r}; this server has {known}")
+            raise NotFound(f"{field}: no model {name!r}; this server has {', '.join(scorers)}")
         if version not in ("", VERSION):
             raise NotFound(f"{field.replace('name', 'version')}: model {name!r} has version "
                            f"{VERSION} only, not {version!r}")  # fmt: skip
