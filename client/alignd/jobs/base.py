@@ -84,6 +84,9 @@ class Job:
         self._stopping = threading.Event()  # the run is ending: calls stop retrying
         self.stop_requested = False
         """Set by an evaluation (early stopping): this step is the run's last."""
+        self.gold: dict | None = self.run_dir.state.get("gold")
+        """The best gold evaluation so far (``gold_scorer``): score, proxy, step, evaluations
+        since, checkpoint."""
         self._step = 0  # the step running now (0 while setting up)
 
     # ---- what subclasses provide -------------------------------------------------------
@@ -197,8 +200,9 @@ class Job:
         path = self.run_dir.checkpoint("final" if final else step)
         with self.phase("checkpoint"):
             self.call(self.trainer.save_checkpoint, str(path.resolve()))
+        gold = {"gold": self.gold} if self.gold is not None else {}
         self.run_dir.save_state(step=step, checkpoint=str(path.resolve()), done=final,
-                                **self.extra_state())  # fmt: skip
+                                **gold, **self.extra_state())  # fmt: skip
         self.after_checkpoint(step, path)
 
     def optimizer_steps(self) -> int:
@@ -208,6 +212,27 @@ class Job:
     def extra_state(self) -> dict[str, Any]:
         """What else a resumed run needs (e.g. the adaptive KL coefficient)."""
         return {}
+
+    def track_gold(self, step: int, gold: float, proxy: float) -> None:
+        """After an evaluation with a gold scorer: a new best gold (by ``early_stop.min_delta``)
+        checkpoints the weights to ``checkpoints/best``; otherwise the evaluations since the
+        best are counted, and with ``early_stop`` the run stops once ``patience`` of them
+        passed while the ``proxy`` rose above its value at the best."""
+        stop, best = self.config.early_stop, self.gold
+        delta = stop.min_delta if stop is not None else 0.0
+        if best is None or gold > best["gold"] + delta:
+            path = self.run_dir.checkpoint("best")
+            with self.phase("checkpoint"):
+                self.call(self.trainer.save_checkpoint, str(path.resolve()))
+            self.gold = {"gold": gold, "proxy": proxy, "step": step, "since": 0,
+                         "checkpoint": str(path.resolve())}  # fmt: skip
+            return
+        best["since"] += 1
+        if stop is not None and best["since"] >= stop.patience and proxy > best["proxy"]:
+            log.info("%s: early stop at step %d: gold %.4f has not beaten %.4f (step %d) in %d "
+                     "evaluations while the proxy rose from %.4f to %.4f", self.kind, step, gold,
+                     best["gold"], best["step"], best["since"], best["proxy"], proxy)  # fmt: skip
+            self.stop_requested = True
 
     # ---- helpers -------------------------------------------------------------------------
 

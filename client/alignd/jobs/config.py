@@ -176,7 +176,47 @@ class RewardModelConfig(JobConfig):
     (Eisenstein et al. 2023; TRL's ``center_rewards_coefficient``)."""
 
 
-class DPOConfig(JobConfig):
+class EarlyStopConfig(_Strict):
+    """Stop an online run once the gold score has stopped improving while the proxy (the
+    training scorer's) kept rising — the over-optimisation signature (Gao et al. 2022)."""
+
+    patience: int = Field(3, ge=1, le=1000)
+    """Evaluations without a gold improvement (while the proxy rose past its value at the best
+    gold) after which the run stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """How much the gold score must rise over its best to count as an improvement."""
+
+
+class _GoldTracking(_Strict):
+    """A held-out gold score beside the training signal, and stopping on it (online jobs and
+    DPO)."""
+
+    gold_scorer: str = ""
+    """A reward-service scorer (a function oracle, an ensemble, a bigger model) that scores
+    held-out completions of the policy at every evaluation: ``eval/gold``, ``eval/gold_se``.
+    Online jobs: the same completions the training scorer scores (``eval/reward``), which
+    must be another scorer. DPO: each evaluation pushes the policy to the generation
+    replicas and samples the held-out prompts. Whenever the gold reaches a new best, the
+    trainer's weights are checkpointed to ``checkpoints/best`` (state.json's ``gold`` says
+    which step). A name the reward service does not have fails the job at set-up."""
+    early_stop: EarlyStopConfig | None = None
+    """Stop when the gold score has not improved for ``patience`` evaluations while the proxy
+    (online jobs: ``eval/reward``; DPO: the implicit reward margin ``eval/margin``) rose above
+    its value at the best gold; the last step is logged with ``early_stop: 1`` and
+    checkpointed as ``final``, the best stays in ``checkpoints/best``. Needs ``gold_scorer``
+    and ``eval_every``."""
+
+    @model_validator(mode="after")
+    def _early_stop_needs(self) -> _GoldTracking:
+        if self.early_stop is not None:
+            if not self.gold_scorer:
+                raise ValueError("early_stop needs gold_scorer: it stops on the gold score")
+            if not self.eval_every:
+                raise ValueError("early_stop needs eval_every: it decides at each evaluation")
+        return self
+
+
+class DPOConfig(_GoldTracking, JobConfig):
     """Direct preference optimisation against reference log-probs cached in the run dir."""
 
     kind: Literal["dpo"] = "dpo"
@@ -187,6 +227,18 @@ class DPOConfig(JobConfig):
     """Temperature β of the implicit reward."""
     label_smoothing: float = Field(losses.DPO.label_smoothing, ge=0, lt=0.5)
     """Label smoothing ε (conservative DPO for ``sigmoid``; ``robust`` uses it too)."""
+    eval_samples: int = Field(1, ge=1)
+    """With ``gold_scorer``: completions sampled per held-out prompt at each evaluation."""
+    eval_max_new_tokens: int = Field(32, ge=1)
+    """With ``gold_scorer``: most tokens of each sampled completion."""
+
+    @model_validator(mode="after")
+    def _sampling_needs_gold(self) -> DPOConfig:
+        for name in ("eval_samples", "eval_max_new_tokens"):
+            if name in self.model_fields_set and not self.gold_scorer:
+                raise ValueError(f"{name} applies with gold_scorer only: DPO samples nothing "
+                                 "else")  # fmt: skip
+        return self
 
 
 class RolloutConfig(_Strict):
@@ -249,18 +301,7 @@ class WeightSyncConfig(_Strict):
         return self
 
 
-class EarlyStopConfig(_Strict):
-    """Stop an online run once the gold score has stopped improving while the proxy (the
-    training scorer's) kept rising — the over-optimisation signature (Gao et al. 2022)."""
-
-    patience: int = Field(3, ge=1, le=1000)
-    """Evaluations without a gold improvement (while the proxy rose past its value at the best
-    gold) after which the run stops."""
-    min_delta: float = Field(0.0, ge=0)
-    """How much the gold score must rise over its best to count as an improvement."""
-
-
-class _OnlineConfig(JobConfig):
+class _OnlineConfig(_GoldTracking, JobConfig):
     """What the online jobs (PPO, GRPO/RLOO) share: rounds of sampling and training."""
 
     weight_sync: WeightSyncConfig = WeightSyncConfig()
@@ -295,17 +336,6 @@ class _OnlineConfig(JobConfig):
     is_cap: float = Field(2.0, ge=1, le=1000)
     """C, the truncation of the importance weight of off-policy rounds (TRL's
     ``vllm_importance_sampling_cap``); only with ``off_policy_steps`` ≥ 1."""
-    gold_scorer: str = ""
-    """A reward-service scorer other than ``rollout.scorer`` (a function oracle, an ensemble, a
-    bigger model) that scores the same held-out completions at every evaluation, beside the
-    training scorer: ``eval/gold``, ``eval/gold_se``. Whenever it reaches a new best, the
-    trainer's weights are checkpointed to ``checkpoints/best`` (state.json's ``gold`` says
-    which round). A name the reward service does not have fails the job at set-up."""
-    early_stop: EarlyStopConfig | None = None
-    """Stop when the gold score has not improved for ``patience`` evaluations while the proxy
-    (``eval/reward``) rose above its value at the best gold; the last round is logged with
-    ``early_stop: 1`` and checkpointed as ``final``, the best stays in ``checkpoints/best``.
-    Needs ``gold_scorer`` and ``eval_every``."""
 
     @model_validator(mode="after")
     def _no_epochs(self) -> _OnlineConfig:
@@ -317,15 +347,10 @@ class _OnlineConfig(JobConfig):
         return self
 
     @model_validator(mode="after")
-    def _gold(self) -> _OnlineConfig:
+    def _gold_is_another_scorer(self) -> _OnlineConfig:
         if self.gold_scorer and self.gold_scorer == self.rollout.scorer:
             raise ValueError(f"gold_scorer {self.gold_scorer!r} is the training scorer "
                              "(rollout.scorer): the gold must be another one")  # fmt: skip
-        if self.early_stop is not None:
-            if not self.gold_scorer:
-                raise ValueError("early_stop needs gold_scorer: it stops on the gold score")
-            if not self.eval_every:
-                raise ValueError("early_stop needs eval_every: it decides at each evaluation")
         return self
 
     @model_validator(mode="after")

@@ -138,7 +138,6 @@ class _Online(Job):
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ensemble: bool | None = None  # whether the rollout scorer is an ensemble
-        self._gold: dict | None = self.run_dir.state.get("gold")  # the best gold so far
         if c.gold_scorer:
             names = [s.name for s in self.call(self.service("reward").info).scorers]
             if c.gold_scorer not in names:
@@ -176,30 +175,8 @@ class _Online(Job):
         )  # fmt: skip
         metrics = report.metrics()
         if c.gold_scorer:
-            self._track_gold(step, metrics)
+            self.track_gold(step, metrics["eval/gold"], metrics["eval/reward"])
         return metrics
-
-    def _track_gold(self, step: int, metrics: dict[str, float]) -> None:
-        """After an evaluation with a gold scorer: a new best gold (by ``early_stop.min_delta``)
-        checkpoints the weights to ``checkpoints/best``; otherwise the evaluations since the
-        best are counted, and with ``early_stop`` the run stops once ``patience`` of them
-        passed while the proxy rose above its value at the best."""
-        gold, proxy, best = metrics["eval/gold"], metrics["eval/reward"], self._gold
-        delta = self.config.early_stop.min_delta if self.config.early_stop else 0.0
-        if best is None or gold > best["gold"] + delta:
-            path = self.run_dir.checkpoint("best")
-            with self.phase("checkpoint"):
-                self.call(self.trainer.save_checkpoint, str(path.resolve()))
-            self._gold = {"gold": gold, "proxy": proxy, "step": step, "since": 0,
-                          "checkpoint": str(path.resolve())}  # fmt: skip
-            return
-        best["since"] += 1
-        stop = self.config.early_stop
-        if stop is not None and best["since"] >= stop.patience and proxy > best["proxy"]:
-            log.info("%s: early stop at round %d: gold %.4f has not beaten %.4f (round %d) in "
-                     "%d evaluations while the proxy rose from %.4f to %.4f", self.kind, step, gold,
-                     best["gold"], best["step"], best["since"], best["proxy"], proxy)  # fmt: skip
-            self.stop_requested = True
 
     def eval_seed(self, step: int) -> int:
         """The sampling seed of the evaluation after ``step`` (the same on a resumed run)."""
@@ -239,8 +216,6 @@ class _Online(Job):
         """The version numbering and, in off-policy runs, the rollouts generated ahead (each
         written to ``rollouts/`` once it is complete, so a resumed run trains on the same)."""
         state: dict = {"version_base": self.version_base}
-        if self._gold is not None:
-            state["gold"] = self._gold
         if self._ahead:
             folder = self._rollouts_dir()
             folder.mkdir(parents=True, exist_ok=True)

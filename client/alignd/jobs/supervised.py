@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from alignd import losses
+from alignd.evaluation import evaluate_policy
 from alignd.jobs.base import Job
 from alignd.jobs.batches import (
     batch_indices,
@@ -24,6 +25,7 @@ from alignd.jobs.batches import (
     steps_for,
     tokenize,
 )
+from alignd.jobs.config import ConfigError
 
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 16
@@ -146,6 +148,15 @@ class DPOJob(_Pairs):
         super().prepare()
         self.ref_train = self._reference("train", *self.train)
         self.ref_held = self._reference("held_out", *self.held)
+        c = self.config
+        if c.gold_scorer:
+            names = [s.name for s in self.call(self.service("reward").info).scorers]
+            if c.gold_scorer not in names:
+                raise ConfigError(f"gold_scorer: the reward service has no scorer "
+                                  f"{c.gold_scorer!r} (it has {', '.join(names)})")  # fmt: skip
+            if not self.platform.generation_targets:
+                raise ConfigError("gold_scorer: DPO samples the held-out prompts to score them, "
+                                  "and the platform has no generation service")  # fmt: skip
 
     def _reference(self, name: str, chosen, rejected) -> np.ndarray:
         """(2N,) summed reference log-probs of the chosen then rejected completions."""
@@ -182,6 +193,15 @@ class DPOJob(_Pairs):
         return self._accumulate(step, n, batch, self._loss())
 
     def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out implicit-reward accuracy and margin; with ``gold_scorer``, also the
+        policy's sampled held-out completions scored by it (and early stopping on it)."""
+        metrics = self._implicit()
+        if self.config.gold_scorer:
+            metrics.update(self._sampled(step))
+            self.track_gold(step, metrics["eval/gold"], metrics["eval/margin"])
+        return metrics
+
+    def _implicit(self) -> dict[str, float]:
         """Held-out implicit-reward accuracy and margin, β·((π_c − ref_c) − (π_r − ref_r))."""
         chosen, rejected = self.held
         n, margins = len(chosen), []
@@ -194,3 +214,34 @@ class DPOJob(_Pairs):
             margins.append(self.config.beta * (ratio[:k] - ratio[k:]))
         margin = np.concatenate(margins)
         return {"eval/accuracy": float((margin > 0).mean()), "eval/margin": float(margin.mean())}
+
+    def _sampled(self, step: int) -> dict[str, float]:
+        """The policy now trained, pushed to every generation replica (one version above the
+        highest they serve) and sampled on the held-out prompts: ``eval/gold`` and the default
+        scorer's ``eval/reward``, KL to the reference and length (:func:`evaluate_policy`)."""
+        c = self.config
+        replicas = self.call(lambda: {client.target: client.info().weights_version
+                                      for client in self.generation_clients()})  # fmt: skip
+        version = max(replicas.values()) + 1
+        with self.phase("weight_sync"):
+            results = self.call(self.trainer.push_weights, list(replicas), version)
+        failed = [f"{r.address}: {r.error}" for r in results if not r.ok]
+        if failed:
+            raise ConfigError(f"gold_scorer: the DPO policy could not be pushed to generation "
+                              f"({'; '.join(failed)}); start the trainer with --push-targets "
+                              "naming the replicas")  # fmt: skip
+        prompts: dict = {}  # each held-out prompt once, in order
+        for example in self.examples[1]:
+            prompts.setdefault(_key(example.prompt), example.prompt)
+        report = evaluate_policy(
+            c.name or self.kind, self.service("generation"), self.service("reward"),
+            self.service("reference"), list(prompts.values()), samples=c.eval_samples,
+            max_new_tokens=c.eval_max_new_tokens, isolated=c.deterministic,
+            seed=self.rng(-(step + 1_000_000)).randrange(2**31), gold_scorer=c.gold_scorer,
+        )  # fmt: skip
+        return report.metrics()
+
+
+def _key(prompt) -> str:
+    """A prompt (text or chat turns) as a hashable key, to take each held-out prompt once."""
+    return json.dumps(prompt if isinstance(prompt, str) else list(prompt), sort_keys=True)

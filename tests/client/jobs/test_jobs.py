@@ -913,13 +913,13 @@ def test_early_stopping_fires_on_the_gold_and_proxy_curves_and_keeps_the_best(
 
     monkeypatch.setattr(jobs.online, "evaluate_policy", scripted)
     saved = []
-    original = jobs.online._Online._track_gold
+    original = jobs.base.Job.track_gold
 
-    def track(self, step, metrics):
-        original(self, step, metrics)
-        saved.append((step, self._gold["step"]))
+    def track(self, step, gold, proxy):
+        original(self, step, gold, proxy)
+        saved.append((step, self.gold["step"]))
 
-    monkeypatch.setattr(jobs.online._Online, "_track_gold", track)
+    monkeypatch.setattr(jobs.base.Job, "track_gold", track)
     stop = {"patience": 2, "min_delta": 0.05}
     rows = run(_gold_config(tmp_path, "stop", "default", early_stop=stop), platform)
     assert [r["step"] for r in rows] == list(range(1, (stops_at or 6) + 1))
@@ -937,3 +937,53 @@ def test_a_gold_scorer_the_job_cannot_use_is_refused_before_the_first_round(plat
 
     with pytest.raises(ConfigError, match="gold_scorer: the reward service has no scorer 'nope'"):
         run(_gold_config(tmp_path, "nope", "default", gold_scorer="nope"), platform)
+
+
+def test_dpo_scores_its_policy_with_the_gold_scorer_and_stops_on_it(
+    platform, tmp_path, monkeypatch
+):
+    """DPO with ``gold_scorer``: each evaluation pushes the policy to generation, samples the
+    held-out prompts and scores them (``eval/gold``); with ``early_stop`` the proxy is the
+    implicit reward margin — here scripted to rise while the gold falls after step 2."""
+    from alignd import jobs
+    from alignd.evaluation import Estimate, PolicyReport
+
+    data = {"path": TASK.preferences_train, "limit": 24, "held_out": 4}
+    config = DPOConfig(data=data, max_steps=2, eval_every=1, gold_scorer="oracle",
+                       eval_max_new_tokens=6, **common(tmp_path, "dpo-gold"))  # fmt: skip
+    before = platform.generation.info().weights_version
+    rows = run(config, platform)
+    assert platform.generation.info().weights_version == before + 2  # a push per evaluation
+    for row in rows:
+        assert {"eval/gold", "eval/gold_se", "eval/reward", "eval/kl", "eval/accuracy",
+                "eval/margin"} <= row.keys()  # fmt: skip
+        assert 0.0 <= row["eval/gold"] <= 1.0
+    assert (tmp_path / "dpo-gold" / "checkpoints" / "best" / "alignd_checkpoint.json").is_file()
+
+    gold, margin = iter([0.2, 0.6, 0.5, 0.4, 0.3]), iter([0.1, 0.2, 0.3, 0.4, 0.5])
+    one = Estimate(0.0, 0.0, 1)
+    monkeypatch.setattr(jobs.supervised, "evaluate_policy", lambda *a, **k: PolicyReport(
+        "scripted", None, one, one, one, [], Estimate(next(gold), 0.0, 1)))  # fmt: skip
+    implicit = lambda self: {"eval/accuracy": 1.0, "eval/margin": next(margin)}  # noqa: E731
+    monkeypatch.setattr(jobs.supervised.DPOJob, "_implicit", implicit)
+    stopping = config.model_copy(update={
+        "run_dir": tmp_path / "dpo-stop", "max_steps": 5,
+        "early_stop": jobs.config.EarlyStopConfig(patience=2)})  # fmt: skip
+    rows = run(stopping, platform)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["early_stop"] == 1.0
+    state = json.loads((tmp_path / "dpo-stop" / "state.json").read_text())
+    assert state["gold"]["step"] == 2
+
+
+def test_dpo_gold_settings_are_checked(platform, tmp_path):
+    from alignd.jobs import ConfigError
+
+    base = dict(data={"path": TASK.preferences_train}, run_dir="runs/x")
+    with pytest.raises(ValueError, match="eval_samples applies with gold_scorer only"):
+        DPOConfig(eval_samples=2, **base)
+    with pytest.raises(ValueError, match="early_stop needs gold_scorer"):
+        DPOConfig(early_stop={}, eval_every=1, **base)
+    data = {"path": TASK.preferences_train, "limit": 24, "held_out": 4}
+    config = DPOConfig(data=data, max_steps=1, gold_scorer="nope", **common(tmp_path, "d"))
+    with pytest.raises(ConfigError, match="gold_scorer: the reward service has no scorer 'nope'"):
+        run(config, platform)
