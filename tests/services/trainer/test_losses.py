@@ -863,3 +863,68 @@ def test_losses_follow_the_input_dtype(dtype) -> None:
     assert out.loss.dtype == dtype
     out.loss.backward()
     assert lp.grad is not None and lp.grad.dtype == dtype
+
+
+# (ratio, advantage) per token: outside the clip range on the side where clipping binds
+# (counted), outside where the unclipped term is the larger (not counted), and inside.
+CLIP_CASES = [(1.5, 1.0), (1.5, -1.0), (0.5, -1.0), (0.5, 1.0), (1.0, 1.0)]
+
+
+def _clip_inputs(**extra) -> LossInputs:
+    ratios, advantages = zip(*CLIP_CASES, strict=True)
+    old = [[-1.0] * len(CLIP_CASES)]
+    new = [[-1.0 + math.log(r) for r in ratios]]
+    return LossInputs(
+        logprobs=leaf(new), mask=torch.ones(1, len(CLIP_CASES)),
+        token_inputs={"old_logprobs": t(old), "advantages": t([list(advantages)]),
+                      **{k: t(v) for k, v in extra.items()}},
+    )  # fmt: skip
+
+
+def test_clip_fraction_counts_the_tokens_where_clipping_changes_the_objective() -> None:
+    """TRL (PPO ``pg_clipfrac``, GRPO ``clip_ratio``) and OpenRLHF count a token as clipped
+    when the max picks the clipped term: r > 1 + ε with A > 0, or r < 1 − ε with A < 0 — two
+    of the five tokens here. Four lie outside [0.8, 1.2] (``ratio_outside_fraction``)."""
+    out = policy_gradient(_clip_inputs(), clip_range=0.2)
+    assert out.metrics["clip_fraction"] == pytest.approx(2 / 5)
+    assert out.metrics["ratio_outside_fraction"] == pytest.approx(4 / 5)
+    values = t([[0.0] * 5])
+    ppo_out = ppo(
+        LossInputs(logprobs=_clip_inputs().logprobs, mask=torch.ones(1, 5), values=values,
+                   token_inputs={**_clip_inputs().token_inputs, "returns": t([[0.0] * 5]),
+                                 "old_values": t([[0.0] * 5])}),
+        clip_range=0.2,
+    )  # fmt: skip
+    assert ppo_out.metrics["clip_fraction"] == pytest.approx(2 / 5)
+    assert ppo_out.metrics["ratio_outside_fraction"] == pytest.approx(4 / 5)
+
+
+def test_value_clip_fraction_counts_no_token_the_clip_leaves_alone() -> None:
+    """V clamped to V_old ± ε_v itself: a value inside the range is exactly V, so no rounding
+    of V_old + (V − V_old) counts it as clipped (1 000 random tokens, all inside: 0, where
+    that rounding alone would count over 1 % of them). Outside,
+    a token counts when the clipped term is the larger: V = 0.5 from V_old 0 (ε_v 0.2, so
+    clipped to 0.2) with return 1.0 counts, the same V with return 0.0 does not."""
+    generator = torch.Generator().manual_seed(0)
+    values = (torch.randn(1, 1000, generator=generator) * 0.1).requires_grad_()
+    old = values.detach() + (torch.rand(1, 1000, generator=generator) - 0.5) * 0.3  # |Δ| < 0.15
+    returns = torch.randn(1, 1000, generator=generator) * 0.1
+    rounded = old + torch.clamp(values.detach() - old, -0.2, 0.2)  # the usual way to write it
+    assert ((rounded - returns) ** 2 > (values.detach() - returns) ** 2).float().mean() > 0.01
+    zeros = torch.zeros(1, 1000)
+    inside = ppo(
+        LossInputs(logprobs=zeros.clone().requires_grad_(), mask=torch.ones(1, 1000),
+                   values=values, token_inputs={"old_logprobs": zeros, "advantages": zeros,
+                                                "returns": returns, "old_values": old}),
+        value_clip_range=0.2,
+    )  # fmt: skip
+    assert inside.metrics["value_clip_fraction"] == 0.0
+    edge = ppo(
+        LossInputs(logprobs=leaf([[0.0, 0.0]]), mask=torch.ones(1, 2), values=leaf([[0.5, 0.5]]),
+                   token_inputs={"old_logprobs": t([[0.0, 0.0]]), "advantages": t([[0.0, 0.0]]),
+                                 "returns": t([[1.0, 0.0]]), "old_values": t([[0.0, 0.0]])}),
+        value_clip_range=0.2,
+    )  # fmt: skip
+    # token 0: (0.5 − 1)² = 0.25 < (0.2 − 1)² = 0.64, clipped wins; token 1: 0.25 > 0.04
+    assert edge.metrics["value_clip_fraction"] == pytest.approx(1 / 2)
+    assert edge.metrics["value_loss"] == pytest.approx(0.5 * (0.64 + 0.25) / 2)

@@ -72,8 +72,10 @@ def policy_gradient(
 
     Returns:
         The loss; metrics ``policy_loss`` (the reduced L, without the penalty), ``kl`` (the
-        token mean of k3, when ``ref_logprobs`` is given) and ``clip_fraction`` (fraction of
-        tokens with |r − 1| > ε, when clipping) and, with ``behaviour_logprobs``,
+        token mean of k3, when ``ref_logprobs`` is given), ``clip_fraction`` (when clipping:
+        fraction of tokens where the clipped term is the one the max selects, as TRL and
+        OpenRLHF count it) and ``ratio_outside_fraction`` (fraction with |r − 1| > ε) and, with
+        ``behaviour_logprobs``,
         ``is_weight/mean``, ``/max`` and ``/clipped_fraction``.
 
     Raises:
@@ -95,10 +97,11 @@ def policy_gradient(
         old_logprobs = logprobs.detach()
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
 
-    pg_losses = -advantages * ratio  # (B, T)
+    pg_unclipped = -advantages * ratio  # (B, T)
+    pg_losses = pg_unclipped
     if clip_range is not None:
-        clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # (B, T)
-        pg_losses = torch.max(pg_losses, -advantages * clipped)
+        pg_clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # (B, T)
+        pg_losses = torch.max(pg_unclipped, pg_clipped)
     weights, is_metrics = importance_weights(inputs, old_logprobs, mask, is_cap)
     if weights is not None:
         pg_losses = weights * pg_losses
@@ -118,8 +121,10 @@ def policy_gradient(
         if k3 is not None:
             metrics["kl"] = float(masked_mean(k3, mask))
         if clip_range is not None:
-            clipped_tokens = ((ratio - 1).abs() > clip_range).to(ratio)
-            metrics["clip_fraction"] = float(masked_mean(clipped_tokens, mask))
+            selected = (pg_clipped > pg_unclipped).to(ratio)  # clipping changes the objective
+            metrics["clip_fraction"] = float(masked_mean(selected, mask))
+            outside = ((ratio - 1).abs() > clip_range).to(ratio)
+            metrics["ratio_outside_fraction"] = float(masked_mean(outside, mask))
     return LossOutput(
         loss=_reduce(per_token, mask, aggregation),
         metrics=metrics,

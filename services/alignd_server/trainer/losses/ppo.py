@@ -66,9 +66,12 @@ def ppo(
 
     Returns:
         The loss; metrics ``policy_loss``, ``value_loss`` (mean L_vf, before c_vf),
-        ``clip_fraction`` (fraction of tokens with |r − 1| > ε), ``approx_kl``
-        (½·mean((log π − log π_old)²)), ``value_clip_fraction`` (fraction of tokens where the
-        clipped value term is the larger), ``entropy`` (when given) and, with
+        ``clip_fraction`` (fraction of tokens where clipping changes the objective: the
+        clipped term is the one the max selects, as TRL's PPO and GRPO and OpenRLHF count it),
+        ``ratio_outside_fraction`` (fraction with |r − 1| > ε, whichever term wins),
+        ``approx_kl`` (½·mean((log π − log π_old)²)), ``value_clip_fraction`` (fraction of
+        tokens where the clipped value term is the larger — V outside V_old ± ε_v and the
+        clip raising the loss), ``entropy`` (when given) and, with
         ``behaviour_logprobs``, ``is_weight/mean``, ``/max`` and ``/clipped_fraction``.
 
     Raises:
@@ -84,16 +87,18 @@ def ppo(
 
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
-    pg_losses = torch.max(
-        -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    )  # (B, T)
+    pg_unclipped = -advantages * ratio  # (B, T)
+    pg_clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # (B, T)
+    pg_losses = torch.max(pg_unclipped, pg_clipped)  # (B, T)
     weights, is_metrics = importance_weights(inputs, old_logprobs, mask, is_cap)
     if weights is not None:
         pg_losses = weights * pg_losses
     policy_loss = masked_mean(pg_losses, mask)
 
-    clipped_values = old_values + torch.clamp(
-        values - old_values, -value_clip_range, value_clip_range
+    # V clamped to [V_old − ε_v, V_old + ε_v] itself (inside, exactly V: no rounding of
+    # V_old + (V − V_old) makes an unclipped token look clipped).
+    clipped_values = torch.clamp(
+        values, old_values - value_clip_range, old_values + value_clip_range
     )  # (B, T)
     vf_unclipped = (values - returns) ** 2  # (B, T)
     vf_clipped = (clipped_values - returns) ** 2  # (B, T)
@@ -111,7 +116,10 @@ def ppo(
         metrics.update(
             policy_loss=float(policy_loss),
             value_loss=float(value_loss),
-            clip_fraction=float(masked_mean(((ratio - 1).abs() > clip_range).to(ratio), mask)),
+            clip_fraction=float(masked_mean((pg_clipped > pg_unclipped).to(ratio), mask)),
+            ratio_outside_fraction=float(
+                masked_mean(((ratio - 1).abs() > clip_range).to(ratio), mask)
+            ),
             approx_kl=float(0.5 * masked_mean(log_ratio**2, mask)),
             value_clip_fraction=float(masked_mean((vf_clipped > vf_unclipped).to(ratio), mask)),
         )
