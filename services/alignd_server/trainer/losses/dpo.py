@@ -9,7 +9,9 @@ its counted tokens), the implicit reward margin of a pair is
 and the loss is the mean over pairs of, with β the temperature and ε the label smoothing:
 
     sigmoid  −log σ(βh)·(1−ε) − log σ(−βh)·ε                Rafailov et al. 2023, "Direct
-             (ε = 0 is plain DPO; ε > 0 is conservative DPO)  Preference Optimization"
+             (ε = 0 is plain DPO; ε > 0 is conservative DPO,  Preference Optimization"
+             Mitchell 2023, as OpenRLHF and TRL ≤ 0.11 compute it; TRL 1.16's sigmoid loss
+             ignores label_smoothing, so it matches TRL 1.16 at ε = 0 only)
     ipo      (h' − 1/(2β))²                                 Azar et al. 2023, "A General
                                                              Theoretical Paradigm ..." (IPO)
     hinge    max(0, 1 − βh)                                 Zhao et al. 2023, "SLiC-HF"
