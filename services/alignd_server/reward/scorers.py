@@ -77,15 +77,13 @@ class Normalization(BaseModel):
     ``alignd_reward.json``."""
 
     offset: float = 0.0
+    """Added to the raw score first."""
     scale: float = 1.0
+    """Multiplies the shifted score."""
     clip_min: float | None = None
+    """Lower clip bound of the normalised score (none when unset)."""
     clip_max: float | None = None
-
-    @classmethod
-    def for_model(cls, path: Path) -> Normalization:
-        card = RewardCard.for_model(path)
-        return cls(offset=card.offset, scale=card.scale, clip_min=card.clip_min,
-                   clip_max=card.clip_max)  # fmt: skip
+    """Upper clip bound of the normalised score (none when unset)."""
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """(N,) raw scores -> (N,) float32 normalised scores."""
@@ -95,20 +93,12 @@ class Normalization(BaseModel):
         return scores.astype(np.float32)
 
 
-class RewardCard(BaseModel):
-    """``alignd_reward.json`` beside a reward model: how to read and normalise its scores.
-    Unknown keys are refused."""
+class RewardCard(Normalization):
+    """``alignd_reward.json`` beside a reward model: its normalisation and the input format it
+    was trained with. Unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    offset: float = 0.0
-    """Added to the raw score first."""
-    scale: float = 1.0
-    """Multiplies the shifted score."""
-    clip_min: float | None = None
-    """Lower clip bound of the normalised score (none when unset)."""
-    clip_max: float | None = None
-    """Upper clip bound of the normalised score (none when unset)."""
     format: str | None = None
     """The input format the model was trained with (one of :data:`FORMATS`)."""
 
@@ -125,7 +115,7 @@ class RewardCard(BaseModel):
         try:
             card = cls.model_validate(json.loads(file.read_text()))
         except (ValueError, ValidationError) as err:
-            raise ValueError(f"{file}: {str(err).splitlines()[0]}: {err}") from None
+            raise ValueError(f"{file}: {err}") from None
         if card.format is not None and card.format not in FORMATS:
             raise ValueError(f"{file}: format {card.format!r} is not one of {', '.join(FORMATS)}")
         return card
@@ -139,13 +129,14 @@ def default_format(loaded: LoadedModel) -> str:
     return "chat" if loaded.has_chat_template else "concat"
 
 
-def resolve_format(loaded: LoadedModel, requested: str | None, name: str) -> str:
-    """The scorer's format: ``requested``, else the model's card, else :func:`default_format`.
+def resolve_format(loaded: LoadedModel, requested: str | None, card: RewardCard, name: str) -> str:
+    """The scorer's format: ``requested``, else the model's ``card``'s, else
+    :func:`default_format`.
 
     Raises:
         ValueError: an unknown format, or ``chat`` for a tokenizer without a chat template.
     """
-    chosen = requested or RewardCard.for_model(Path(loaded.path)).format or default_format(loaded)
+    chosen = requested or card.format or default_format(loaded)
     if chosen not in FORMATS:
         raise ValueError(f"scorer {name!r}: format {chosen!r} is not one of {', '.join(FORMATS)}")
     if chosen == "chat" and not loaded.has_chat_template:
@@ -208,8 +199,9 @@ class ModelScorer:
         self.name = name
         self.loaded = loaded
         self.settings = settings
-        self.format = resolve_format(loaded, format, name)
-        self.normalization = Normalization.for_model(Path(loaded.path))
+        card = RewardCard.for_model(Path(loaded.path))
+        self.format = resolve_format(loaded, format, card, name)
+        self.normalization: Normalization = card
         self.max_length = loaded.sequence_limit(settings.max_sequence_length)
         self._pad_id = loaded.tokenizer.pad_token_id
         self.batcher = _batcher(name, self._run, settings, metrics, tokens=True)
@@ -393,6 +385,11 @@ class EnsembleScorer:
                 task.cancel()
             raise
 
+    @staticmethod
+    def spread(scores: np.ndarray) -> np.ndarray:
+        """(M, N) member scores -> (N,) their population standard deviation (ddof 0)."""
+        return scores.astype(np.float64).std(axis=0)
+
     def combine(self, scores: np.ndarray) -> np.ndarray:
         """(M, N) member scores -> (N,) float32 ensemble scores."""
         values = scores.astype(np.float64)
@@ -400,7 +397,7 @@ class EnsembleScorer:
             return values.min(axis=0).astype(np.float32)
         mean = values.mean(axis=0)
         if self.aggregate == "mean_minus_std":
-            mean = mean - self.k * values.std(axis=0)
+            mean = mean - self.k * self.spread(scores)
         return mean.astype(np.float32)
 
     async def score(

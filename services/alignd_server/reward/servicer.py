@@ -173,7 +173,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 scores=scorer.combine(members).tolist(), scorer=scorer.name,
                 members=[reward_pb2.MemberScores(scorer=m.name, scores=row.tolist())
                          for m, row in zip(scorer.members, members, strict=True)],
-                std=members.astype(np.float64).std(axis=0).tolist(),
+                std=scorer.spread(members).tolist(),
             )  # fmt: skip
         scores = await scorer.score(inputs, deadline_of(context), request.isolated)
         return reward_pb2.ScoreResponse(scores=scores.tolist(), scorer=scorer.name)
