@@ -27,7 +27,7 @@ from alignd.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from alignd.jobs.config import JobConfig
+from alignd.jobs.config import ConfigError, JobConfig
 from alignd.jobs.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,32 @@ class Job:
     def extra_state(self) -> dict[str, Any]:
         """What else a resumed run needs (e.g. the adaptive KL coefficient)."""
         return {}
+
+    def eval_seed(self, step: int) -> int:
+        """The sampling seed of the evaluation after ``step`` (the same on a resumed run)."""
+        return self.rng(-(step + 1_000_000)).randrange(2**31)
+
+    def replica_versions(self) -> dict[str, int]:
+        """The weights version each generation replica serves, by target (the replicas are
+        looked up again on a retry, so one that went away is replaced by those there are)."""
+        return self.call(
+            lambda: {c.target: c.info().weights_version for c in self.generation_clients()}
+        )
+
+    def check_gold_scorer(self) -> None:
+        """With ``gold_scorer``: the reward service must have that scorer (checked before the
+        first step, not at the first evaluation).
+
+        Raises:
+            ConfigError: naming ``gold_scorer`` and the scorers there are.
+        """
+        wanted = self.config.gold_scorer
+        if not wanted:
+            return
+        names = [s.name for s in self.call(self.service("reward").info).scorers]
+        if wanted not in names:
+            raise ConfigError(f"gold_scorer: the reward service has no scorer {wanted!r} "
+                              f"(it has {', '.join(names)})")  # fmt: skip
 
     def track_gold(self, step: int, gold: float, proxy: float) -> None:
         """After an evaluation with a gold scorer: a new best gold (by ``early_stop.min_delta``)

@@ -38,7 +38,6 @@ from alignd.errors import from_status_text
 from alignd.evaluation import evaluate_policy
 from alignd.jobs.base import TRANSIENT, Job
 from alignd.jobs.batches import chunks, load_split
-from alignd.jobs.config import ConfigError
 from alignd.v1.reward_pb2 import SCORER_KIND_ENSEMBLE
 
 log = logging.getLogger(__name__)
@@ -138,11 +137,7 @@ class _Online(Job):
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ensemble: bool | None = None  # whether the rollout scorer is an ensemble
-        if c.gold_scorer:
-            names = [s.name for s in self.call(self.service("reward").info).scorers]
-            if c.gold_scorer not in names:
-                raise ConfigError(f"gold_scorer: the reward service has no scorer "
-                                  f"{c.gold_scorer!r} (it has {', '.join(names)})")  # fmt: skip
+        self.check_gold_scorer()
 
     group = 1
     """Completions sampled per prompt."""
@@ -178,17 +173,13 @@ class _Online(Job):
             self.track_gold(step, metrics["eval/gold"], metrics["eval/reward"])
         return metrics
 
-    def eval_seed(self, step: int) -> int:
-        """The sampling seed of the evaluation after ``step`` (the same on a resumed run)."""
-        return self.rng(-(step + 1_000_000)).randrange(2**31)
-
     def prepare(self) -> None:
         """Weights versions of this run start above whatever the replicas serve now (kept in
         the state). A resumed run continues the numbering, moved up past what the replicas
         serve if the lost rounds had pushed versions beyond its checkpoint (a push must
         always raise a replica's version; the resumed run pushes its checkpoint's weights)."""
         self.version = -1  # generation holds other weights until the first push
-        served = max(self._replica_versions().values())
+        served = max(self.replica_versions().values())
         base = self.run_dir.state.get("version_base")
         shift = 0
         if base is None:
@@ -288,16 +279,9 @@ class _Online(Job):
         if self.version != version:
             self._sync_weights(version)
             return
-        stale = [t for t, v in self._replica_versions().items() if v != version]
+        stale = [t for t, v in self.replica_versions().items() if v != version]
         if stale:
             self._sync_weights(version, stale)
-
-    def _replica_versions(self) -> dict[str, int]:
-        """The weights version each generation replica serves, by target (the replicas are
-        looked up again on a retry, so one that went away is replaced by those there are)."""
-        return self.call(
-            lambda: {c.target: c.info().weights_version for c in self.generation_clients()}
-        )
 
     def round_rows(self, group: int = 1) -> int:
         """Rows (prompts x group) each round samples."""

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from alignd import losses
+from alignd.errors import from_status_text
 from alignd.evaluation import evaluate_policy
 from alignd.jobs.base import Job
 from alignd.jobs.batches import (
@@ -148,15 +149,10 @@ class DPOJob(_Pairs):
         super().prepare()
         self.ref_train = self._reference("train", *self.train)
         self.ref_held = self._reference("held_out", *self.held)
-        c = self.config
-        if c.gold_scorer:
-            names = [s.name for s in self.call(self.service("reward").info).scorers]
-            if c.gold_scorer not in names:
-                raise ConfigError(f"gold_scorer: the reward service has no scorer "
-                                  f"{c.gold_scorer!r} (it has {', '.join(names)})")  # fmt: skip
-            if not self.platform.generation_targets:
-                raise ConfigError("gold_scorer: DPO samples the held-out prompts to score them, "
-                                  "and the platform has no generation service")  # fmt: skip
+        self.check_gold_scorer()
+        if self.config.gold_scorer and not self.platform.generation_targets:
+            raise ConfigError("gold_scorer: DPO samples the held-out prompts to score them, "
+                              "and the platform has no generation service")  # fmt: skip
 
     def _reference(self, name: str, chosen, rejected) -> np.ndarray:
         """(2N,) summed reference log-probs of the chosen then rejected completions."""
@@ -220,16 +216,13 @@ class DPOJob(_Pairs):
         highest they serve) and sampled on the held-out prompts: ``eval/gold`` and the default
         scorer's ``eval/reward``, KL to the reference and length (:func:`evaluate_policy`)."""
         c = self.config
-        replicas = self.call(lambda: {client.target: client.info().weights_version
-                                      for client in self.generation_clients()})  # fmt: skip
+        replicas = self.replica_versions()
         version = max(replicas.values()) + 1
         with self.phase("weight_sync"):
             results = self.call(self.trainer.push_weights, list(replicas), version)
-        failed = [f"{r.address}: {r.error}" for r in results if not r.ok]
-        if failed:
-            raise ConfigError(f"gold_scorer: the DPO policy could not be pushed to generation "
-                              f"({'; '.join(failed)}); start the trainer with --push-targets "
-                              "naming the replicas")  # fmt: skip
+        for result in results:  # the job fails (and resumes) as for any failed call
+            if not result.ok:
+                raise from_status_text(result.error, f"PushWeights to {result.address}")
         prompts: dict = {}  # each held-out prompt once, in order
         for example in self.examples[1]:
             prompts.setdefault(_key(example.prompt), example.prompt)
@@ -237,7 +230,7 @@ class DPOJob(_Pairs):
             c.name or self.kind, self.service("generation"), self.service("reward"),
             self.service("reference"), list(prompts.values()), samples=c.eval_samples,
             max_new_tokens=c.eval_max_new_tokens, isolated=c.deterministic,
-            seed=self.rng(-(step + 1_000_000)).randrange(2**31), gold_scorer=c.gold_scorer,
+            seed=self.eval_seed(step), gold_scorer=c.gold_scorer,
         )  # fmt: skip
         return report.metrics()
 
