@@ -16,7 +16,9 @@ everything trained and PyTorch's data-parallel engines can wrap it whole (``para
 * ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every transformer block (the
   model's ``_no_split_modules``) and then on the network: each rank holds 1/N of the
   parameters, gradients and AdamW state as DTensors; gradient reduction is a sum-only
-  reduce-scatter (gloo has no pre-multiplied sums).
+  reduce-scatter (gloo has no pre-multiplied sums). Only rank 0 reads the weights: the other
+  ranks build the model on the meta device, and ``torch.distributed.checkpoint``'s
+  ``set_model_state_dict(broadcast_from_rank0=True)`` fills every rank's shards from rank 0.
 
 Packing (``spec.packing``, padding-free training): each batch's rows are laid end to end in
 packed sequences (:func:`~alignd_server.common.forward.pack_rows`) and transformers' own
